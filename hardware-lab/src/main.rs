@@ -1,0 +1,2 @@
+//! vigil lab
+fn main() {}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# vigil's whole test command: install what the tests need, then format check, lints, all tests.
+# This is the command the README gives and the one CI (.ci/run) runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-test-deps.sh
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all --check
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test" >&2
+cargo test --workspace --no-fail-fast

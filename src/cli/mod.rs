@@ -1,0 +1,51 @@
+//! The command line: clap types and one function per subcommand.
+//!
+//! Overview: `main.rs` parses [`Cli`], installs logging and calls [`run`], which returns the
+//! process exit code. Subcommands print for people by default and JSON with `--json`.
+//!
+//! Scope: argument parsing, printing and exit codes; the work itself is in the library modules.
+//!
+//! Key types: [`Cli`], [`Command`].
+
+mod check_config;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
+
+/// vigil: out-of-band failover for bare-metal clusters.
+#[derive(Debug, Parser)]
+#[command(name = "vigil", version, about, long_about = None)]
+pub struct Cli {
+    /// How log lines are written (stderr; journald under systemd).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a configuration file and report every problem, with file:line:column.
+    CheckConfig {
+        /// The configuration file.
+        file: PathBuf,
+        /// Print problems (and, with --show, the configuration) as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Print the effective configuration, defaults filled in (secrets as references).
+        #[arg(long)]
+        show: bool,
+    },
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::CheckConfig { file, json, show } => check_config::run(&file, json, show),
+    }
+}

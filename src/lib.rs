@@ -1,0 +1,19 @@
+//! vigil: an out-of-band failover appliance for bare-metal clusters.
+//!
+//! A dedicated management box watches every server through its BMC (Redfish and IPMI) and a
+//! heartbeat from its OS, tells a hardware fault from a software hang or a network isolation,
+//! power-fences the dead node through its BMC and confirms it is off, then boots a matching
+//! virtual node for it on a failover server. See README.md for the whole picture.
+//!
+//! # Layout
+//!
+//! - [`config`]: the inventory and policy file, firmware profiles, secret references.
+//! - [`telemetry`]: logging (stderr text or JSON, journald under systemd).
+//! - [`cli`]: the command line.
+//!
+//! The modules still to come (BMC drivers, heartbeats, diagnosis, fencing, placement, virt,
+//! journal, supervisor, api) are mapped in the README and built on these.
+
+pub mod cli;
+pub mod config;
+pub mod telemetry;
