@@ -1,1 +1,24 @@
-//! vigil lab
+//! vigil's hardware lab: a simulated rack on one machine, for the demo, the tests and the
+//! benchmarks. The appliance never links this crate; `vigil demo` runs the `vigil-lab` binary.
+//!
+//! # Layout
+//!
+//! - [`rack`]: a rack from a topology file; `endpoints.json` and a `vigil.toml` for it.
+//! - [`server`]: one simulated server: power model, faults, SEL, the BMC's sessions and moods.
+//! - [`power`]: the pure power and boot model (PoweringOff before Off, POST stages).
+//! - [`redfish`]: the Redfish BMC (HTTPS, sessions, reset with the firmware's quirks).
+//! - [`mockup`]: real Redfish captures the BMCs are seeded from.
+//! - [`faults`]: the faults the lab injects, one per row of the evidence matrix, and BMC moods.
+//! - [`control`]: the control API and its client.
+//! - [`tls`]: the lab CA and the BMCs' certificates.
+//! - [`clock`]: the lab clock.
+
+pub mod clock;
+pub mod control;
+pub mod faults;
+pub mod mockup;
+pub mod power;
+pub mod rack;
+pub mod redfish;
+pub mod server;
+pub mod tls;
