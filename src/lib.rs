@@ -8,6 +8,7 @@
 //! # Layout
 //!
 //! - [`config`]: the inventory and policy file, firmware profiles, secret references.
+//! - [`heartbeat`]: the heartbeat packet and the node agent that sends it.
 //! - [`telemetry`]: logging (stderr text or JSON, journald under systemd).
 //! - [`cli`]: the command line.
 //!
@@ -16,4 +17,5 @@
 
 pub mod cli;
 pub mod config;
+pub mod heartbeat;
 pub mod telemetry;

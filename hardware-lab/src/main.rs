@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use vigil_lab::control;
 use vigil_lab::faults::{Fault, FaultKind};
-use vigil_lab::rack::{Endpoints, Rack, Topology};
+use vigil_lab::rack::{Endpoints, Rack, RackOptions, Topology};
 
 /// vigil's hardware lab: a simulated rack of BMCs and operating systems on one machine.
 #[derive(Debug, Parser)]
@@ -84,6 +84,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -110,7 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
         } => {
             let t = Topology::load(&topology)?;
-            let rack = Rack::start(&t, &state_dir)?;
+            let rack = Rack::start(&t, &state_dir, RackOptions::default())?;
             let e = &rack.endpoints;
             eprintln!(
                 "lab \"{}\" is up: {} servers; control {}; vigil config {}",

@@ -86,6 +86,12 @@ pub struct Topology {
     /// Lab time per real time for the firmware's durations (0.02: a 5-minute POST takes 6 s).
     #[serde(default = "default_scale")]
     pub time_scale: f64,
+    /// How often the servers' agents send heartbeats (ms).
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// The watchdog timeout the servers' OSes set (lab ms).
+    #[serde(default = "default_watchdog_ms")]
+    pub watchdog_timeout_ms: u64,
     /// The servers.
     #[serde(rename = "server")]
     pub servers: Vec<ServerSpec>,
@@ -93,6 +99,28 @@ pub struct Topology {
 
 fn default_scale() -> f64 {
     0.02
+}
+
+fn default_heartbeat_ms() -> u64 {
+    1000
+}
+
+fn default_watchdog_ms() -> u64 {
+    crate::server::DEFAULT_WATCHDOG_TIMEOUT_MS
+}
+
+/// How a rack is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RackOptions {
+    /// Run each server's OS as the real `vigil agent` (heartbeats, watchdog pets). Without it,
+    /// the OS state pets the watchdog by itself and nothing sends heartbeats.
+    pub agents: bool,
+}
+
+impl Default for RackOptions {
+    fn default() -> Self {
+        Self { agents: true }
+    }
 }
 
 impl Topology {
@@ -224,7 +252,11 @@ fn free_udp_port() -> anyhow::Result<u16> {
 impl Rack {
     /// Starts a rack in `state_dir` (created if needed). Its servers run as tasks of the current
     /// tokio runtime, which must exist.
-    pub fn start(topology: &Topology, state_dir: &Path) -> anyhow::Result<Self> {
+    pub fn start(
+        topology: &Topology,
+        state_dir: &Path,
+        options: RackOptions,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(state_dir.join("secrets"))
             .with_context(|| format!("state dir {} cannot be created", state_dir.display()))?;
         let state_dir = state_dir
@@ -236,6 +268,17 @@ impl Rack {
             bail!("the built-in firmware profiles are broken:\n{d}");
         }
         let clock = LabClock::start();
+        let vigil_bin = if options.agents {
+            Some(crate::os::find_vigil_binary().context(
+                "the vigil binary (for the servers' agents) is not beside vigil-lab: build it (cargo build) or set VIGIL_BIN",
+            )?)
+        } else {
+            None
+        };
+        let sock_dir = crate::os::socket_dir(&state_dir);
+        std::fs::create_dir_all(&sock_dir)?;
+        std::fs::create_dir_all(state_dir.join("logs"))?;
+
         let ca = LabCa::new(&topology.name)?;
         let ca_file = state_dir.join("ca.pem");
         std::fs::write(&ca_file, &ca.pem)?;
@@ -245,6 +288,7 @@ impl Rack {
         let mut servers = BTreeMap::new();
         let mut eps = BTreeMap::new();
         let heartbeat_listen = format!("127.0.0.1:{}", free_udp_port()?);
+        let appliance_hb: std::net::SocketAddr = heartbeat_listen.parse()?;
         let api_listen = {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             format!("127.0.0.1:{}", l.local_addr()?.port())
@@ -294,6 +338,32 @@ impl Rack {
                 clock,
                 topology.time_scale,
             ));
+            {
+                let mut st = server.state();
+                st.watchdog.timeout_ms = topology.watchdog_timeout_ms;
+            }
+            let heartbeat_target = match &vigil_bin {
+                Some(vigil) => {
+                    server.set_self_petting(false);
+                    let relay = std::net::UdpSocket::bind("127.0.0.1:0")?;
+                    let target = relay.local_addr()?.to_string();
+                    let os = crate::os::OsSim {
+                        server: server.clone(),
+                        vigil: vigil.clone(),
+                        key_file: heartbeat_key_file.clone(),
+                        interval: std::time::Duration::from_millis(topology.heartbeat_interval_ms),
+                        relay,
+                        appliance: appliance_hb,
+                        watchdog_path: sock_dir.join(format!("{}.wd", spec.name)),
+                        log_path: state_dir
+                            .join("logs")
+                            .join(format!("{}-agent.log", spec.name)),
+                    };
+                    tasks.spawn(os.run(cancel.child_token()));
+                    target
+                }
+                None => heartbeat_listen.clone(),
+            };
             let cert = ca.issue(&spec.name)?;
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             listener.set_nonblocking(true)?;
@@ -317,7 +387,7 @@ impl Rack {
                     username,
                     password_file,
                     heartbeat_key_file,
-                    heartbeat_target: heartbeat_listen.clone(),
+                    heartbeat_target,
                 },
             );
             servers.insert(spec.name.clone(), server);
@@ -401,7 +471,10 @@ fn vigil_toml(t: &Topology, e: &Endpoints, state_dir: &Path) -> String {
     );
     let _ = writeln!(
         s,
-        "[policy]\nmode = \"act\"\nheartbeat_interval = \"1s\"\nheartbeat_misses = 3\nbmc_poll_interval = \"1s\"\nbmc_request_timeout = \"2s\"\nbmc_connect_timeout = \"1s\"\n"
+        "[policy]\nmode = \"act\"\nheartbeat_interval = \"{}ms\"\nheartbeat_misses = 3\nbmc_poll_interval = \"{}ms\"\nbmc_request_timeout = \"2s\"\nbmc_connect_timeout = \"1s\"\n",
+        t.heartbeat_interval_ms,
+        // The BMC is polled as often as heartbeats come, so both paths are seen together.
+        t.heartbeat_interval_ms
     );
     for spec in &t.servers {
         let ep = &e.servers[&spec.name];

@@ -85,6 +85,30 @@ pub enum OsState {
     Isolated,
 }
 
+/// The host's IPMI watchdog timer, as the OS arms and pets it and the BMC counts it down.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Watchdog {
+    /// Whether the OS has armed it (it does at boot; a power-off stops it).
+    pub armed: bool,
+    /// Its timeout.
+    pub timeout_ms: Millis,
+    /// When it was last petted.
+    pub last_pet: Millis,
+    /// Whether it ran out (cleared by the next pet).
+    pub expired: bool,
+}
+
+impl Watchdog {
+    /// The countdown the BMC reports (Get Watchdog Timer's present count), in ms.
+    pub fn countdown(&self, now: Millis) -> Millis {
+        if !self.armed {
+            return self.timeout_ms;
+        }
+        self.timeout_ms
+            .saturating_sub(now.saturating_sub(self.last_pet))
+    }
+}
+
 /// A Redfish session.
 #[derive(Debug, Clone, Serialize)]
 pub struct Session {
@@ -125,6 +149,10 @@ pub struct ServerState {
     /// Transitions not yet taken by the simulated OS.
     #[serde(skip)]
     pub pending_events: Vec<PowerEvent>,
+    /// The host watchdog.
+    pub watchdog: Watchdog,
+    /// Whether the OS state itself pets the watchdog (no agent process runs for this server).
+    pub self_petting: bool,
 }
 
 /// One simulated server.
@@ -148,6 +176,9 @@ pub struct SimServer {
     pub changed: tokio::sync::Notify,
     state: Mutex<ServerState>,
 }
+
+/// The watchdog timeout an OS sets in the lab (lab milliseconds).
+pub const DEFAULT_WATCHDOG_TIMEOUT_MS: Millis = 10_000;
 
 /// Scales a profile duration to lab time.
 fn scaled(d: std::time::Duration, scale: f64) -> Millis {
@@ -194,6 +225,13 @@ impl SimServer {
                 sessions_refused: 0,
                 resets: Vec::new(),
                 pending_events: Vec::new(),
+                watchdog: Watchdog {
+                    armed: true,
+                    timeout_ms: DEFAULT_WATCHDOG_TIMEOUT_MS,
+                    last_pet: now,
+                    expired: false,
+                },
+                self_petting: true,
             }),
         }
     }
@@ -247,6 +285,32 @@ impl SimServer {
         self.changed.notify_waiters();
     }
 
+    /// The OS petted the watchdog (through the in-band channel).
+    pub fn pet_watchdog(&self) {
+        let now = self.clock.now();
+        let mut s = self.state();
+        s.watchdog.armed = true;
+        s.watchdog.last_pet = now;
+        s.watchdog.expired = false;
+    }
+
+    /// Whether a heartbeat sent now reaches the appliance (the service network is up).
+    pub fn heartbeat_passes(&self) -> bool {
+        let s = self.state();
+        s.os != OsState::Isolated && !s.has(FaultKind::NetworkIsolation) && !s.has(FaultKind::Dark)
+    }
+
+    /// Takes the power transitions not yet seen by the OS simulation, with the OS state now.
+    pub fn take_os_events(&self) -> (Vec<PowerEvent>, OsState) {
+        let mut s = self.state();
+        (std::mem::take(&mut s.pending_events), s.os)
+    }
+
+    /// Whether the OS state pets the watchdog by itself (no agent process), or an agent does.
+    pub fn set_self_petting(&self, on: bool) {
+        self.state().self_petting = on;
+    }
+
     fn post_stage_for_hang(&self) -> usize {
         // Memory initialisation: where real POSTs most often stop (DIMM training).
         2
@@ -292,6 +356,24 @@ impl ServerState {
     fn advance(&mut self, now: Millis) {
         let events = self.power.tick(now);
         self.on_power_events(&events);
+        if self.self_petting && matches!(self.os, OsState::Running | OsState::Isolated) {
+            self.watchdog.armed = true;
+            self.watchdog.last_pet = now;
+            self.watchdog.expired = false;
+        }
+        if self.watchdog.armed
+            && !self.watchdog.expired
+            && now.saturating_sub(self.watchdog.last_pet) >= self.watchdog.timeout_ms
+        {
+            self.watchdog.expired = true;
+            self.add_sel(
+                "Warning",
+                "Watchdog 2",
+                "IPMI Watchdog",
+                "Timer expired, status only",
+                "Asserted",
+            );
+        }
         // Faults with a duration end by themselves, as a repair of just them.
         let (ended, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.faults)
             .into_iter()
@@ -310,9 +392,15 @@ impl ServerState {
     fn on_power_events(&mut self, events: &[PowerEvent]) {
         for e in events {
             match e {
-                PowerEvent::PoweredOff | PowerEvent::PoweredOn => self.os = OsState::Down,
+                PowerEvent::PoweredOff | PowerEvent::PoweredOn => {
+                    self.os = OsState::Down;
+                    // A reset stops the watchdog; the next OS arms it again.
+                    self.watchdog.armed = false;
+                    self.watchdog.expired = false;
+                }
                 PowerEvent::OsRunning => {
-                    self.os = if self.has(FaultKind::NetworkIsolation) {
+                    self.os = if self.has(FaultKind::NetworkIsolation) || self.has(FaultKind::Dark)
+                    {
                         OsState::Isolated
                     } else {
                         OsState::Running

@@ -7,6 +7,7 @@
 //!
 //! Key types: [`Cli`], [`Command`].
 
+mod agent;
 mod check_config;
 
 use std::path::PathBuf;
@@ -41,11 +42,14 @@ pub enum Command {
         #[arg(long)]
         show: bool,
     },
+    /// Run the heartbeat agent of a node (on the node, or inside a virtual node).
+    Agent(agent::AgentArgs),
 }
 
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::CheckConfig { file, json, show } => check_config::run(&file, json, show),
+        Command::Agent(args) => agent::run(args),
     }
 }
