@@ -4,14 +4,17 @@
 #
 #   .venv/                          a Python venv with redfish-service-validator (rf_service_validator)
 #   .cache/redfish-validator-wheels the wheels it was installed from (the venv can be rebuilt offline)
-#   .cache/redfish-csdl/*.xml       the DMTF Redfish CSDL (DSP8010 csdl/), for --schema_directory
+#   .cache/redfish-csdl/*.xml       the DMTF Redfish CSDL (DSP8010 csdl/) and the SNIA Swordfish CSDL
+#                                   for --schema_directory (XCC links StoragePoolCollection, a
+#                                   Swordfish type); where both bundles have a file, Redfish's is kept
 #
 # The validator fetches schemas from the internet unless told otherwise; run it with the local copy:
 #   .venv/bin/rf_service_validator --rhost https://HOST:PORT --user U --password P \
 #     --authtype Session|Basic --schema_directory .cache/redfish-csdl --skipschema --logdir DIR
 #
 # The CSDL comes from the crates.io crate nv-redfish-schema (Apache-2.0), which carries the DMTF files
-# unchanged in redfish-csdl/csdl/ (the schema files are DMTF's, BSD-3-Clause). It is fetched with
+# unchanged in redfish-csdl/csdl/ (the schema files are DMTF's, BSD-3-Clause) and SNIA's Swordfish
+# CSDL in swordfish-csdl/csdl-schema/ (copyright SNIA; the files state no licence). It is fetched with
 # `cargo fetch` in a throwaway crate: a download into cargo's cache, nothing is compiled.
 # redfish-service-validator and its DMTF dependencies (redfish, redfish_utilities) are BSD-3-Clause.
 #
@@ -69,12 +72,12 @@ fi
 # --- the DMTF CSDL ----------------------------------------------------------------------------
 
 STAMP="$CSDL_DIR/.source"
-STAMP_TEXT="$CSDL_CRATE $CSDL_CRATE_VERSION redfish-csdl/csdl"
+STAMP_TEXT="$CSDL_CRATE $CSDL_CRATE_VERSION redfish-csdl/csdl swordfish-csdl/csdl-schema"
 
 csdl_ok() {
   [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_TEXT" ] &&
     [ -f "$CSDL_DIR/ServiceRoot_v1.xml" ] && [ -f "$CSDL_DIR/Resource_v1.xml" ] &&
-    [ -f "$CSDL_DIR/RedfishExtensions_v1.xml" ]
+    [ -f "$CSDL_DIR/RedfishExtensions_v1.xml" ] && [ -f "$CSDL_DIR/StoragePoolCollection_v1.xml" ]
 }
 
 if ! csdl_ok; then
@@ -122,6 +125,10 @@ for p in json.load(sys.stdin)["packages"]:
   rm -rf "$new"
   mkdir "$new"
   cp "$src"/redfish-csdl/csdl/*.xml "$new/"
+  # Swordfish's copies of Redfish schemas (ServiceRoot, Endpoint, ...) are older: never overwrite.
+  for f in "$src"/swordfish-csdl/csdl-schema/*.xml; do
+    [ -e "$new/${f##*/}" ] || cp "$f" "$new/"
+  done
   echo "$STAMP_TEXT" >"$new/.source"
   rm -rf "$CSDL_DIR"
   mv "$new" "$CSDL_DIR"

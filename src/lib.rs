@@ -7,6 +7,8 @@
 //!
 //! # Layout
 //!
+//! - [`model`]: shared domain types (BMC snapshots, hardware profiles).
+//! - [`bmc`]: the BMC trait and the Redfish driver.
 //! - [`config`]: the inventory and policy file, firmware profiles, secret references.
 //! - [`heartbeat`]: the heartbeat packet and the node agent that sends it.
 //! - [`telemetry`]: logging (stderr text or JSON, journald under systemd).
@@ -15,7 +17,9 @@
 //! The modules still to come (BMC drivers, heartbeats, diagnosis, fencing, placement, virt,
 //! journal, supervisor, api) are mapped in the README and built on these.
 
+pub mod bmc;
 pub mod cli;
 pub mod config;
 pub mod heartbeat;
+pub mod model;
 pub mod telemetry;

@@ -479,11 +479,18 @@ fn get_resource(bmc: &Bmc, path: &str) -> Response {
             })
         })
     } else if Some(path) == bmc.layout.sel_entries.as_deref() {
-        bmc.server
-            .mockup
-            .get(path)
-            .cloned()
-            .map(|base| sel_collection(&bmc.layout, base, &s.sel))
+        // Some captures did not record the SEL's entries (XCC); the real BMC has them, so the
+        // lab serves an empty collection of its own where the capture has none.
+        let base = bmc.server.mockup.get(path).cloned().unwrap_or_else(|| {
+            json!({
+                "@odata.id": path,
+                "@odata.type": "#LogEntryCollection.LogEntryCollection",
+                "Name": "Log Service Entries",
+                "Members@odata.count": 0,
+                "Members": [],
+            })
+        });
+        Some(sel_collection(&bmc.layout, base, &s.sel))
     } else if let Some(e) = bmc
         .layout
         .sel_entries
@@ -664,19 +671,23 @@ fn overlay(bmc: &Bmc, path: &str, v: &mut Value, s: &ServerState, now: Millis) {
             set_health(t, "Critical");
         }
     } else if Some(path) == l.power.as_deref() {
+        // A healthy lab server's PSUs are healthy whatever the capture's were.
         let failed = failed_psus(s);
         if let Some(psus) = v["PowerSupplies"].as_array_mut() {
             for (i, p) in psus.iter_mut().enumerate() {
-                if i < failed {
-                    set_health(p, "Critical");
-                }
+                set_health(p, if i < failed { "Critical" } else { "OK" });
             }
         }
-        if failed > 0
-            && let Some(red) = v["Redundancy"].as_array_mut()
-        {
+        if let Some(red) = v["Redundancy"].as_array_mut() {
             for r in red {
-                set_health(r, if failed >= 2 { "Critical" } else { "Warning" });
+                set_health(
+                    r,
+                    match failed {
+                        0 => "OK",
+                        1 => "Warning",
+                        _ => "Critical",
+                    },
+                );
             }
         }
         if s.has_fault(F::VrFault)
@@ -705,10 +716,8 @@ fn overlay(bmc: &Bmc, path: &str, v: &mut Value, s: &ServerState, now: Millis) {
             .unwrap_or(1.8);
         v["Reading"] = json!((base * 1.25 * 100.0).round() / 100.0);
         set_health(v, "Critical");
-    } else if let Some(i) = l.psus.iter().position(|p| p == path)
-        && i < failed_psus(s)
-    {
-        set_health(v, "Critical");
+    } else if let Some(i) = l.psus.iter().position(|p| p == path) {
+        set_health(v, if i < failed_psus(s) { "Critical" } else { "OK" });
     }
 }
 

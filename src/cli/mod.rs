@@ -9,6 +9,8 @@
 
 mod agent;
 mod check_config;
+mod probe;
+pub mod profile;
 
 use std::path::PathBuf;
 
@@ -44,6 +46,45 @@ pub enum Command {
     },
     /// Run the heartbeat agent of a node (on the node, or inside a virtual node).
     Agent(agent::AgentArgs),
+    /// Read each path to machines' BMCs now and print what they see, side by side.
+    Probe {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Nodes or hosts to probe.
+        machines: Vec<String>,
+        /// Probe every node and host.
+        #[arg(long)]
+        all: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hardware profiles: what each node's virtual twin must look like.
+    Profile {
+        /// What to do.
+        #[command(subcommand)]
+        action: ProfileAction,
+    },
+}
+
+/// `vigil profile` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ProfileAction {
+    /// Capture nodes' hardware profiles from their BMCs into the state directory.
+    Capture {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Nodes to capture.
+        nodes: Vec<String>,
+        /// Capture every node.
+        #[arg(long)]
+        all: bool,
+        /// Show what changed since the previous capture.
+        #[arg(long)]
+        diff: bool,
+    },
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -51,5 +92,20 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::CheckConfig { file, json, show } => check_config::run(&file, json, show),
         Command::Agent(args) => agent::run(args),
+        Command::Probe {
+            config,
+            machines,
+            all,
+            json,
+        } => probe::run(&config, &machines, all, json),
+        Command::Profile {
+            action:
+                ProfileAction::Capture {
+                    config,
+                    nodes,
+                    all,
+                    diff,
+                },
+        } => profile::capture(&config, &nodes, all, diff),
     }
 }

@@ -84,6 +84,50 @@ impl Config {
     pub fn host(&self, name: &str) -> Option<&HostConfig> {
         self.hosts.iter().find(|h| h.name == name)
     }
+
+    /// Every watched machine: the nodes, then the hosts (which are watched like nodes).
+    pub fn machines(&self) -> impl Iterator<Item = Machine<'_>> {
+        self.nodes
+            .iter()
+            .map(|n| Machine {
+                name: &n.name,
+                firmware_profile: &n.firmware_profile,
+                bmc: &n.bmc,
+                heartbeat: &n.heartbeat,
+                policy: &n.policy,
+                is_host: false,
+            })
+            .chain(self.hosts.iter().map(|h| Machine {
+                name: &h.name,
+                firmware_profile: &h.firmware_profile,
+                bmc: &h.bmc,
+                heartbeat: &h.heartbeat,
+                policy: &self.policy,
+                is_host: true,
+            }))
+    }
+
+    /// The machine (node or host) named `name`.
+    pub fn machine(&self, name: &str) -> Option<Machine<'_>> {
+        self.machines().find(|m| m.name == name)
+    }
+}
+
+/// What nodes and hosts have in common, borrowed from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Machine<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its BMC's firmware profile.
+    pub firmware_profile: &'a str,
+    /// Its BMC.
+    pub bmc: &'a BmcConfig,
+    /// Its heartbeat.
+    pub heartbeat: &'a HeartbeatConfig,
+    /// The policy in force for it.
+    pub policy: &'a Policy,
+    /// Whether it is a failover/backup server.
+    pub is_host: bool,
 }
 
 /// The appliance's own settings.

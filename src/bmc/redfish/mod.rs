@@ -1,0 +1,614 @@
+//! The Redfish driver.
+//!
+//! Overview: [`RedfishBmc`] talks to one BMC over HTTPS with the trust configured for it
+//! (`tls.rs`). It is polite: one request in flight at a time (a mutex around every exchange,
+//! session setup included), a connect and a request timeout, a cap on every body, one session
+//! (X-Auth-Token) reused across polls, renewed on a 401 and deleted on [`Bmc::close`]; HTTP Basic
+//! where the firmware profile says so, or where the BMC has no SessionService. The fast status is
+//! one GET of the System; the full status adds the legacy Thermal and Power resources (or the
+//! Sensors collection where the firmware has only the new model) and the new SEL records.
+//! Firmware quirks come from the profile: an already-off error on ForceOff is read back and
+//! counted as done; a 409 on On after Off and a 400 during POST are "busy, retry".
+//!
+//! Scope: the HTTP exchange and the walk over resources. Parsing is `parse.rs` (pure).
+//!
+//! Key types: [`RedfishBmc`].
+
+pub mod inventory;
+pub mod parse;
+pub mod tls;
+
+use std::collections::BTreeSet;
+use std::sync::Mutex as StdMutex;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use super::{ActionOutcome, Bmc, BmcError, BoxFuture, Depth, PowerAction};
+use crate::config::profile::AuthMode;
+use crate::config::{FirmwareProfile, Quirk, RedfishEndpoint, Secret};
+use crate::model::{
+    BmcSnapshot, HardwareProfile, LogEntry, PowerReading, Protocol, PsuReading, SensorReading,
+};
+
+/// The largest body vigil reads from a BMC. The biggest resources in the real captures are a
+/// few hundred KiB (a Sensors collection, a long SEL); 4 MiB leaves room and stops a BMC that
+/// streams garbage from filling the appliance's memory.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+/// Members of a Sensors collection read one by one at most (firmware that does not expand).
+const MAX_SENSOR_READS: usize = 32;
+/// SEL entry ids remembered to tell new records from old (firmware with non-numeric ids).
+const MAX_REMEMBERED_LOG_IDS: usize = 4096;
+
+/// Timeouts of one BMC.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP + TLS connect.
+    pub connect: Duration,
+    /// A whole request, body included.
+    pub request: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Session {
+    token: Option<String>,
+    location: Option<String>,
+    /// The BMC has no usable SessionService: Basic on every request.
+    basic_only: bool,
+}
+
+#[derive(Debug, Default)]
+struct LogCursor {
+    /// Whether the log has been read once (records before that are history, not news).
+    primed: bool,
+    max_numeric: Option<u64>,
+    seen: BTreeSet<String>,
+}
+
+/// A Redfish BMC.
+#[derive(Debug)]
+pub struct RedfishBmc {
+    endpoint: String,
+    base: String,
+    http: reqwest::Client,
+    username: String,
+    password: Secret,
+    profile: FirmwareProfile,
+    timeouts: Timeouts,
+    /// Held for every exchange: at most one request in flight to this BMC.
+    session: Mutex<Session>,
+    log: StdMutex<LogCursor>,
+    /// Sensor URIs worth reading on firmware with only a Sensors collection (found once).
+    sensor_uris: StdMutex<Option<Vec<String>>>,
+}
+
+/// Walks an error's sources into one line: reqwest hides the reason (a refused connection, an
+/// untrusted certificate) several levels down.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+impl RedfishBmc {
+    /// A driver for `endpoint` with `profile`'s layout and quirks.
+    pub fn new(
+        name: &str,
+        endpoint: &RedfishEndpoint,
+        username: &str,
+        password: Secret,
+        profile: FirmwareProfile,
+        timeouts: Timeouts,
+    ) -> Result<Self, BmcError> {
+        let tls = tls::client_config(&endpoint.trust).map_err(|e| BmcError::Tls {
+            endpoint: format!("{name} {}", endpoint.url),
+            reason: chain(&e),
+        })?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.request)
+            .pool_max_idle_per_host(1)
+            .https_only(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| BmcError::Tls {
+                endpoint: format!("{name} {}", endpoint.url),
+                reason: chain(&e),
+            })?;
+        Ok(Self {
+            endpoint: format!("{name} {}", endpoint.url),
+            base: endpoint.url.clone(),
+            http,
+            username: username.to_string(),
+            password,
+            session: Mutex::new(Session {
+                basic_only: profile.redfish.auth == AuthMode::Basic,
+                ..Session::default()
+            }),
+            profile,
+            timeouts,
+            log: StdMutex::new(LogCursor::default()),
+            sensor_uris: StdMutex::new(None),
+        })
+    }
+
+    fn map_err(&self, what: &str, e: reqwest::Error) -> BmcError {
+        let reason = chain(&e);
+        if e.is_timeout() {
+            BmcError::Timeout {
+                endpoint: self.endpoint.clone(),
+                what: what.to_string(),
+                timeout_ms: self.timeouts.request.as_millis() as u64,
+            }
+        } else if reason.contains("certificate") || reason.contains("fingerprint") {
+            BmcError::Tls {
+                endpoint: self.endpoint.clone(),
+                reason,
+            }
+        } else {
+            BmcError::Connect {
+                endpoint: self.endpoint.clone(),
+                reason,
+            }
+        }
+    }
+
+    /// Reads a body, refusing more than [`MAX_BODY_BYTES`].
+    async fn body(&self, what: &str, mut resp: reqwest::Response) -> Result<Vec<u8>, BmcError> {
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_BODY_BYTES as u64)
+        {
+            return Err(BmcError::TooLarge {
+                endpoint: self.endpoint.clone(),
+                what: what.to_string(),
+                limit: MAX_BODY_BYTES,
+            });
+        }
+        let mut buf = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.map_err(what, e))? {
+            if buf.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(BmcError::TooLarge {
+                    endpoint: self.endpoint.clone(),
+                    what: what.to_string(),
+                    limit: MAX_BODY_BYTES,
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf)
+    }
+
+    fn redfish_message(body: &[u8]) -> String {
+        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let m = v["error"]["@Message.ExtendedInfo"][0]["Message"]
+            .as_str()
+            .or(v["error"]["message"].as_str())
+            .unwrap_or("");
+        m.chars().take(200).collect()
+    }
+
+    /// Opens a session (the session lock is held by the caller).
+    async fn login(&self, s: &mut Session) -> Result<(), BmcError> {
+        let what = "session login";
+        let url = format!("{}/redfish/v1/SessionService/Sessions", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .json(&json!({ "UserName": self.username, "Password": self.password.expose() }))
+            .send()
+            .await
+            .map_err(|e| self.map_err(what, e))?;
+        let status = resp.status();
+        let token = resp
+            .headers()
+            .get("X-Auth-Token")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let body = self.body(what, resp).await?;
+        match status {
+            s2 if s2.is_success() => {
+                let Some(token) = token else {
+                    return Err(BmcError::Malformed {
+                        endpoint: self.endpoint.clone(),
+                        what: what.into(),
+                        reason: "no X-Auth-Token in the answer".into(),
+                    });
+                };
+                let location = location.or_else(|| {
+                    serde_json::from_slice::<Value>(&body)
+                        .ok()
+                        .and_then(|v| v["@odata.id"].as_str().map(String::from))
+                });
+                s.token = Some(token);
+                s.location = location;
+                Ok(())
+            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(BmcError::Auth {
+                endpoint: self.endpoint.clone(),
+            }),
+            StatusCode::SERVICE_UNAVAILABLE => Err(BmcError::SessionLimit {
+                endpoint: self.endpoint.clone(),
+            }),
+            StatusCode::NOT_FOUND
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::NOT_IMPLEMENTED => {
+                // No SessionService: Basic it is, from now on.
+                s.basic_only = true;
+                Ok(())
+            }
+            other => Err(BmcError::Http {
+                endpoint: self.endpoint.clone(),
+                what: what.into(),
+                status: other.as_u16(),
+                message: Self::redfish_message(&body),
+            }),
+        }
+    }
+
+    /// One exchange: authenticated, timed, capped; a 401 on a session renews it once.
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Vec<u8>), BmcError> {
+        let what = format!("{method} {path}");
+        let mut s = self.session.lock().await;
+        for attempt in 0..2 {
+            if !s.basic_only && s.token.is_none() {
+                self.login(&mut s).await?;
+            }
+            let url = if path.starts_with("http") {
+                path.to_string()
+            } else {
+                format!("{}{path}", self.base)
+            };
+            let mut req = self.http.request(method.clone(), &url);
+            req = match (&s.token, s.basic_only) {
+                (Some(t), false) => req.header("X-Auth-Token", t),
+                _ => req.basic_auth(&self.username, Some(self.password.expose())),
+            };
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.map_err(|e| self.map_err(&what, e))?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && !s.basic_only && attempt == 0 {
+                // The session expired or the BMC rebooted: log in again, once.
+                s.token = None;
+                s.location = None;
+                continue;
+            }
+            let bytes = self.body(&what, resp).await?;
+            if status == StatusCode::UNAUTHORIZED {
+                return Err(BmcError::Auth {
+                    endpoint: self.endpoint.clone(),
+                });
+            }
+            return Ok((status, bytes));
+        }
+        Err(BmcError::Auth {
+            endpoint: self.endpoint.clone(),
+        })
+    }
+
+    /// GET a resource as JSON.
+    pub async fn get(&self, path: &str) -> Result<Value, BmcError> {
+        let (status, body) = self.exchange(Method::GET, path, None).await?;
+        let what = format!("GET {path}");
+        if !status.is_success() {
+            return Err(BmcError::Http {
+                endpoint: self.endpoint.clone(),
+                what,
+                status: status.as_u16(),
+                message: Self::redfish_message(&body),
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| BmcError::Malformed {
+            endpoint: self.endpoint.clone(),
+            what,
+            reason: e.to_string(),
+        })
+    }
+
+    pub(crate) fn system_path(&self) -> String {
+        format!("/redfish/v1/Systems/{}", self.profile.redfish.system_id)
+    }
+
+    fn chassis_path(&self) -> String {
+        format!("/redfish/v1/Chassis/{}", self.profile.redfish.chassis_id)
+    }
+
+    async fn read_sensors(
+        &self,
+        chassis: &Value,
+    ) -> Result<(Vec<SensorReading>, Vec<PsuReading>), BmcError> {
+        let r = &self.profile.redfish;
+        let mut sensors = Vec::new();
+        let mut psus = Vec::new();
+        if let Some(t) =
+            parse::link(chassis, "Thermal").filter(|_| r.thermal.iter().any(|x| x == "Thermal"))
+        {
+            sensors.extend(parse::legacy_thermal(&self.get(t).await?));
+        }
+        if let Some(p) =
+            parse::link(chassis, "Power").filter(|_| r.power.iter().any(|x| x == "Power"))
+        {
+            let (volts, ps, _redundancy) = parse::legacy_power(&self.get(p).await?);
+            sensors.extend(volts);
+            psus.extend(ps);
+        }
+        if sensors.is_empty() && r.sensors {
+            sensors.extend(self.read_sensor_collection(chassis).await?);
+        }
+        if psus.is_empty()
+            && let Some(ps) = parse::link(chassis, "PowerSubsystem")
+        {
+            let sub = self.get(ps).await?;
+            if let Some(c) = parse::link(&sub, "PowerSupplies") {
+                let coll = self.get(c).await?;
+                for m in parse::members(&coll).iter().take(8) {
+                    psus.push(parse::psu(&self.get(m).await?));
+                }
+            }
+        }
+        Ok((sensors, psus))
+    }
+
+    async fn read_sensor_collection(
+        &self,
+        chassis: &Value,
+    ) -> Result<Vec<SensorReading>, BmcError> {
+        let known = self
+            .sensor_uris
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let uris = match known {
+            Some(u) => u,
+            None => {
+                let Some(link) = parse::link(chassis, "Sensors") else {
+                    return Ok(Vec::new());
+                };
+                let coll = self.get(link).await?;
+                let mut keep = Vec::new();
+                for m in parse::members(&coll).iter().take(MAX_SENSOR_READS * 4) {
+                    if keep.len() >= MAX_SENSOR_READS {
+                        break;
+                    }
+                    if let Ok(v) = self.get(m).await
+                        && parse::sensor(&v).is_some()
+                    {
+                        keep.push(m.clone());
+                    }
+                }
+                *self.sensor_uris.lock().unwrap_or_else(|p| p.into_inner()) = Some(keep.clone());
+                keep
+            }
+        };
+        let mut out = Vec::new();
+        for u in uris {
+            if let Some(s) = parse::sensor(&self.get(&u).await?) {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_new_log(&self) -> Result<Vec<LogEntry>, BmcError> {
+        let Some(svc) = &self.profile.redfish.sel else {
+            return Ok(Vec::new());
+        };
+        let svc_v = self.get(svc).await?;
+        let entries_uri = parse::link(&svc_v, "Entries")
+            .map(String::from)
+            .unwrap_or_else(|| format!("{}/Entries", svc.trim_end_matches('/')));
+        let coll = self.get(&entries_uri).await?;
+        let entries = parse::log_entries(&coll);
+        let mut cur = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = Vec::new();
+        for e in entries {
+            let is_new = match e.id.parse::<u64>() {
+                Ok(n) => cur.max_numeric.is_none_or(|m| n > m),
+                Err(_) => !cur.seen.contains(&e.id),
+            };
+            if let Ok(n) = e.id.parse::<u64>() {
+                cur.max_numeric = Some(cur.max_numeric.map_or(n, |m| m.max(n)));
+            } else if cur.seen.len() < MAX_REMEMBERED_LOG_IDS {
+                cur.seen.insert(e.id.clone());
+            }
+            if is_new && cur.primed {
+                fresh.push(e);
+            }
+        }
+        cur.primed = true;
+        Ok(fresh)
+    }
+
+    async fn status_inner(&self, depth: Depth) -> Result<BmcSnapshot, BmcError> {
+        let r = &self.profile.redfish;
+        let system = self.get(&self.system_path()).await?;
+        let (power, boot, health) = parse::system_status(
+            &system,
+            &r.power_state,
+            r.boot_progress.as_deref(),
+            &r.health,
+        );
+        let mut snap = BmcSnapshot {
+            protocol: Protocol::Redfish,
+            power,
+            boot,
+            health,
+            sensors: Vec::new(),
+            psus: Vec::new(),
+            new_log: Vec::new(),
+            watchdog: None,
+            full: depth == Depth::Full,
+            gaps: Vec::new(),
+        };
+        if depth == Depth::Full {
+            match self.get(&self.chassis_path()).await {
+                Ok(chassis) => match self.read_sensors(&chassis).await {
+                    Ok((sensors, psus)) => {
+                        snap.sensors = sensors;
+                        snap.psus = psus;
+                    }
+                    Err(e) => snap.gaps.push(format!("sensors: {e}")),
+                },
+                Err(e) => snap.gaps.push(format!("chassis: {e}")),
+            }
+            match self.read_new_log().await {
+                Ok(l) => snap.new_log = l,
+                Err(e) => snap.gaps.push(format!("SEL: {e}")),
+            }
+        }
+        Ok(snap)
+    }
+
+    fn reset_type(&self, action: PowerAction) -> Result<&str, BmcError> {
+        let r = &self.profile.redfish;
+        match action {
+            PowerAction::Off => Ok(&r.power_off),
+            PowerAction::On => Ok(&r.power_on),
+            PowerAction::Cycle => r
+                .power_cycle
+                .as_deref()
+                .ok_or_else(|| BmcError::Unsupported {
+                    endpoint: self.endpoint.clone(),
+                    what: "power cycle".into(),
+                }),
+        }
+    }
+
+    async fn power_inner(&self, action: PowerAction) -> Result<ActionOutcome, BmcError> {
+        let rt = self.reset_type(action)?.to_string();
+        let system = self.get(&self.system_path()).await?;
+        // Idempotence: a host already in the asked state is not sent the action at all.
+        let r = &self.profile.redfish;
+        let (now, _, _) = parse::system_status(&system, &r.power_state, None, &r.health);
+        match (action, now) {
+            (PowerAction::Off, PowerReading::Off) | (PowerAction::On, PowerReading::On) => {
+                return Ok(ActionOutcome::AlreadyDone);
+            }
+            _ => {}
+        }
+        let target = system["Actions"]["#ComputerSystem.Reset"]["target"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| format!("{}/Actions/ComputerSystem.Reset", self.system_path()));
+        let (status, body) = self
+            .exchange(Method::POST, &target, Some(&json!({ "ResetType": rt })))
+            .await?;
+        if status.is_success() {
+            return Ok(ActionOutcome::Accepted);
+        }
+        let code = status.as_u16();
+        let what = format!("ComputerSystem.Reset {rt}");
+        // An error to a power action may mean "already so": read back before believing it.
+        if action == PowerAction::Off || action == PowerAction::On {
+            let want = if action == PowerAction::Off {
+                PowerReading::Off
+            } else {
+                PowerReading::On
+            };
+            let quirk_says_already = action == PowerAction::Off
+                && self
+                    .profile
+                    .quirk(|q| match q {
+                        Quirk::AlreadyOffError { status } if *status == code => Some(()),
+                        _ => None,
+                    })
+                    .is_some();
+            if (quirk_says_already || status.is_client_error())
+                && let Ok(v) = self.get(&self.system_path()).await
+            {
+                let r = &self.profile.redfish;
+                let (now, _, _) = parse::system_status(&v, &r.power_state, None, &r.health);
+                if now == want {
+                    return Ok(ActionOutcome::AlreadyDone);
+                }
+            }
+        }
+        let busy = self
+            .profile
+            .quirk(|q| match q {
+                Quirk::OnAfterOffConflict { status, .. }
+                    if *status == code && action == PowerAction::On =>
+                {
+                    Some(())
+                }
+                Quirk::ResetDuringPost { status } if *status == code => Some(()),
+                _ => None,
+            })
+            .is_some();
+        Err(BmcError::Http {
+            endpoint: self.endpoint.clone(),
+            what: if busy {
+                format!("{what} (busy: retry later)")
+            } else {
+                what
+            },
+            // A quirk's "not now" is reported as 409 so that is_transient() says "retry".
+            status: if busy { 409 } else { code },
+            message: Self::redfish_message(&body),
+        })
+    }
+
+    async fn close_inner(&self) {
+        let mut s = self.session.lock().await;
+        if let (Some(token), Some(loc)) = (s.token.take(), s.location.take()) {
+            let url = if loc.starts_with("http") {
+                loc
+            } else {
+                format!("{}{loc}", self.base)
+            };
+            // Logging out is a courtesy to the BMC's session table; if it fails the session times
+            // out on the BMC by itself.
+            let _logged_out = self
+                .http
+                .delete(url)
+                .header("X-Auth-Token", token)
+                .send()
+                .await;
+        }
+    }
+}
+
+impl Bmc for RedfishBmc {
+    fn protocol(&self) -> Protocol {
+        Protocol::Redfish
+    }
+
+    fn status(&self, depth: Depth) -> BoxFuture<'_, Result<BmcSnapshot, BmcError>> {
+        Box::pin(self.status_inner(depth))
+    }
+
+    fn power(&self, action: PowerAction) -> BoxFuture<'_, Result<ActionOutcome, BmcError>> {
+        Box::pin(self.power_inner(action))
+    }
+
+    fn inventory(&self, node: &str) -> BoxFuture<'_, Result<HardwareProfile, BmcError>> {
+        let node = node.to_string();
+        Box::pin(async move { inventory::capture(self, &node).await })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.close_inner())
+    }
+}

@@ -1,0 +1,151 @@
+//! `vigil probe`: what each path to a machine's BMC sees now, side by side.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use crate::bmc::{self, Bmc, Depth};
+use crate::config::{self, Config, ProfileSet};
+use crate::model::{BmcSnapshot, SensorKind};
+
+/// The machines named, or all of them.
+pub(super) fn select<'a>(
+    cfg: &'a Config,
+    names: &[String],
+    all: bool,
+) -> anyhow::Result<Vec<config::Machine<'a>>> {
+    if all {
+        return Ok(cfg.machines().collect());
+    }
+    if names.is_empty() {
+        bail!("name a node (or host), or give --all");
+    }
+    names
+        .iter()
+        .map(|n| {
+            cfg.machine(n).with_context(|| {
+                format!(
+                    "no node or host named {n} in {} (known: {})",
+                    cfg.path.display(),
+                    cfg.machines()
+                        .map(|m| m.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+fn describe(s: &BmcSnapshot) -> String {
+    let mut o = String::new();
+    let _ = write!(o, "power {:?}, health {:?}", s.power, s.health);
+    if let Some(b) = &s.boot {
+        let _ = write!(o, ", boot {b:?}");
+    }
+    for kind in [
+        SensorKind::Temperature,
+        SensorKind::Voltage,
+        SensorKind::Fan,
+    ] {
+        let v: Vec<String> = s
+            .sensors
+            .iter()
+            .filter(|r| r.kind == kind)
+            .take(6)
+            .map(|r| {
+                let crit = if r.is_critical() { " CRITICAL" } else { "" };
+                match (r.value, r.upper_critical) {
+                    (Some(v), Some(c)) => format!("{} {v} (crit {c}){crit}", r.name),
+                    (Some(v), None) => format!("{} {v}{crit}", r.name),
+                    _ => format!("{} -{crit}", r.name),
+                }
+            })
+            .collect();
+        if !v.is_empty() {
+            let n = s.sensors.iter().filter(|r| r.kind == kind).count();
+            let _ = write!(
+                o,
+                "\n    {kind:?}: {}{}",
+                v.join(", "),
+                if n > 6 {
+                    format!(" … ({n} in all)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    for g in &s.gaps {
+        let _ = write!(o, "\n    not read: {g}");
+    }
+    if !s.psus.is_empty() {
+        let p: Vec<String> = s
+            .psus
+            .iter()
+            .map(|p| format!("{} {:?}", p.name, p.health))
+            .collect();
+        let _ = write!(o, "\n    PSUs: {}", p.join(", "));
+    }
+    o
+}
+
+pub(super) fn run(file: &Path, names: &[String], all: bool, json_out: bool) -> anyhow::Result<u8> {
+    let (cfg, profiles, _d) = config::load(file)?;
+    let machines = select(&cfg, names, all)?;
+    let rt = tokio::runtime::Runtime::new().context("the runtime cannot start")?;
+    let results = rt.block_on(probe_all(&machines, &profiles));
+    let mut failed = false;
+    let mut out = Vec::new();
+    for (m, r) in machines.iter().zip(results) {
+        match r {
+            Ok(snap) => {
+                if json_out {
+                    out.push(json!({ "machine": m.name, "redfish": snap, "ipmi": null }));
+                } else {
+                    println!(
+                        "{} ({})\n  redfish: {}",
+                        m.name,
+                        m.firmware_profile,
+                        describe(&snap)
+                    );
+                    println!(
+                        "  ipmi: {}",
+                        if m.bmc.ipmi.is_some() {
+                            "not read by this version"
+                        } else {
+                            "not configured"
+                        }
+                    );
+                }
+            }
+            Err(e) => {
+                failed = true;
+                if json_out {
+                    out.push(json!({ "machine": m.name, "error": e.to_string() }));
+                } else {
+                    println!("{} ({})\n  redfish: ERROR {e}", m.name, m.firmware_profile);
+                }
+            }
+        }
+    }
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+async fn probe_all(
+    machines: &[config::Machine<'_>],
+    profiles: &ProfileSet,
+) -> Vec<anyhow::Result<BmcSnapshot>> {
+    let futs = machines.iter().map(|m| async move {
+        let b = bmc::redfish_for(m, profiles)?;
+        let r = b.status(Depth::Full).await;
+        b.close().await;
+        Ok(r?)
+    });
+    futures_util::future::join_all(futs).await
+}

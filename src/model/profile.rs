@@ -1,0 +1,127 @@
+//! A node's hardware profile: what its virtual twin must look like.
+//!
+//! Captured from the BMC's inventory (`vigil profile capture`) and stored as JSON in the state
+//! directory; the VM spec is built from it.
+
+use serde::{Deserialize, Serialize};
+
+/// CPU identity and topology.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cpu {
+    /// Vendor (`Intel(R) Corporation`, `AMD`).
+    pub vendor: Option<String>,
+    /// Model string (`Intel(R) Xeon(R) Gold 6354 CPU @ 3.00GHz`).
+    pub model: Option<String>,
+    /// Family, model, stepping where exposed.
+    pub family: Option<String>,
+    /// CPUID model.
+    pub cpuid_model: Option<String>,
+    /// Stepping.
+    pub stepping: Option<String>,
+    /// Sockets populated.
+    pub sockets: u32,
+    /// Cores per socket.
+    pub cores_per_socket: u32,
+    /// Threads per core.
+    pub threads_per_core: u32,
+    /// Feature flags, where the BMC exposes them.
+    pub flags: Vec<String>,
+}
+
+/// A memory module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dimm {
+    /// Its id.
+    pub id: String,
+    /// Size in MiB.
+    pub size_mib: u64,
+}
+
+/// A network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    /// Its id.
+    pub id: String,
+    /// MAC address, lower case with colons.
+    pub mac: String,
+    /// Speed in Mbit/s.
+    pub speed_mbps: Option<u64>,
+}
+
+/// A PCIe function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PcieDevice {
+    /// Its id.
+    pub id: String,
+    /// Name.
+    pub name: Option<String>,
+    /// Class code.
+    pub class: Option<String>,
+    /// Vendor id.
+    pub vendor_id: Option<String>,
+    /// Device id.
+    pub device_id: Option<String>,
+}
+
+/// A drive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drive {
+    /// Its id.
+    pub id: String,
+    /// Model.
+    pub model: Option<String>,
+    /// Capacity in bytes.
+    pub capacity_bytes: Option<u64>,
+    /// Protocol (SATA, SAS, NVMe).
+    pub protocol: Option<String>,
+}
+
+/// SMBIOS type 1 identity (licences are often bound to it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Smbios {
+    /// Manufacturer.
+    pub manufacturer: Option<String>,
+    /// Product (model).
+    pub product: Option<String>,
+    /// Serial number.
+    pub serial: Option<String>,
+    /// System UUID.
+    pub uuid: Option<String>,
+}
+
+/// How the node boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootMode {
+    /// UEFI.
+    Uefi,
+    /// Legacy BIOS.
+    Legacy,
+    /// Not reported.
+    Unknown,
+}
+
+/// One node's hardware profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HardwareProfile {
+    /// The node.
+    pub node: String,
+    /// CPU.
+    pub cpu: Cpu,
+    /// Total memory in MiB.
+    pub memory_mib: u64,
+    /// DIMMs.
+    pub dimms: Vec<Dimm>,
+    /// NICs.
+    pub nics: Vec<Nic>,
+    /// PCIe devices.
+    pub pcie: Vec<PcieDevice>,
+    /// Storage controllers by name.
+    pub storage_controllers: Vec<String>,
+    /// Drives.
+    pub drives: Vec<Drive>,
+    /// SMBIOS identity.
+    pub smbios: Smbios,
+    /// Boot mode.
+    pub boot_mode: BootMode,
+}
