@@ -9,6 +9,8 @@
 //!
 //! - [`model`]: shared domain types (BMC snapshots, hardware profiles).
 //! - [`bmc`]: the BMC trait and the Redfish driver.
+//! - [`diagnosis`]: pure: evidence and time in, verdict out.
+//! - [`monitor`]: both paths to every machine, polled, listened to and judged.
 //! - [`config`]: the inventory and policy file, firmware profiles, secret references.
 //! - [`heartbeat`]: the heartbeat packet and the node agent that sends it.
 //! - [`telemetry`]: logging (stderr text or JSON, journald under systemd).
@@ -19,7 +21,10 @@
 
 pub mod bmc;
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod diagnosis;
 pub mod heartbeat;
 pub mod model;
+pub mod monitor;
 pub mod telemetry;

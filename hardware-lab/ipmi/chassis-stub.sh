@@ -10,7 +10,8 @@
 #   set boot pxe|...     -> boot device for the next boot
 #   set identify "S F"   -> identify LED for S seconds, F = force (one argument with a space)
 # State: DIR/power (1|0), DIR/boot; every call is appended to DIR/calls.log.
-# DIR/mode may hold "fail" (exit 3), "slow" (sleep 5 first), "garbage" (print power:maybe).
+# DIR/mode may hold "fail" (exit 3), "slow" (sleep 5 first), "garbage" (print power:maybe),
+# "sticky" (set power is accepted but the power does not change, like a slow power-off).
 dir=/tmp
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,7 +41,7 @@ case "$op" in
   set)
     while [ $# -ge 2 ]; do
       case "$1" in
-        power) echo "$2" > "$dir/power";;
+        power) [ "$(cat "$dir/mode" 2>/dev/null)" = sticky ] || echo "$2" > "$dir/power";;
         boot) echo "$2" > "$dir/boot";;
         reset|shutdown|identify) ;;
         *) echo "unknown parameter $1"; exit 1;;

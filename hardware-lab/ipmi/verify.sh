@@ -2,7 +2,7 @@
 # Verifies the ipmi_sim recipe in this folder against the real OpenIPMI ipmi_sim and ipmitool:
 # renders the templates the way the lab does, starts one BMC on 127.0.0.1, and checks the
 # chassis_control protocol, every fault's console lines (faults.tsv), the SEL clock, the watchdog
-# and Get Chassis Status. Needs: openipmi ipmitool python3. Takes ~40 s. Prints one line per check
+# and Get Chassis Status. Needs: openipmi ipmitool python3. Takes ~45 s. Prints one line per check
 # and "N passed, N failed"; exits non-zero on a failure.
 #   PORT=29623 ./verify.sh        (uses PORT (UDP), PORT+1 (console), PORT+2 (host), all on 127.0.0.1)
 set -u
@@ -178,31 +178,41 @@ expect "Reset Watchdog before any Set: cc 0x80" 'rsp=0x80' "$(ipmi raw 0x06 0x22
 expect "Set Watchdog, action hard reset, no host connected: cc 0xcc" 'rsp=0xcc' "$(ipmi raw 0x06 0x24 0x04 0x01 0x00 0x10 0x32 0x00)"
 wg=$(ipmi raw 0x06 0x25)
 expect "Get Watchdog answers 6 data bytes, not 8 (no present countdown)" '^ ([0-9a-f]{2} ){5}[0-9a-f]{2}$' "$wg"
-python3 "$HERE/host-stub.py" "$HPORT" 0x13 sleep:30 > "$WORK/host.log" 2>&1 &
+python3 "$HERE/host-stub.py" "$HPORT" 0x13 sleep:45 > "$WORK/host.log" 2>&1 &
 HOSTPID=$!
 sleep 0.5
-# action hard reset (1), pre-timeout "messaging interrupt" (0x30) of 1 s, countdown 5.0 s:
+resets() { grep -c 'BMC command: RESET' "$WORK/host.log"; }
+# action hard reset (1), pre-timeout "messaging interrupt" (0x30) of 2 s, countdown 5.0 s:
 calls >/dev/null
-expect "Set Watchdog (SMS/OS, hard reset, pre-timeout 1 s, 5.0 s) with host connected" 'rc=0$' \
-  "$(ipmi raw 0x06 0x24 0x04 0x31 0x01 0x10 0x32 0x00 >/dev/null; echo rc=$?)"
+expect "Set Watchdog (SMS/OS, hard reset, pre-timeout 2 s, 5.0 s) with host connected" 'rc=0$' \
+  "$(ipmi raw 0x06 0x24 0x04 0x31 0x02 0x10 0x32 0x00 >/dev/null; echo rc=$?)"
 start=$(ms)
 for _ in 1 2 3 4 5 6 7; do ipmi mc watchdog reset >/dev/null; sleep 1.2; done
+ipmi mc watchdog reset >/dev/null
 last=$(ms)
-expect "no expiry while petted over LAN for $(( (last - start) / 1000 )) s (> countdown)" '^$' \
-  "$(grep -E 'RESET|POWEROFF' "$WORK/host.log")"
-sleep 6.5
-expect "expiry after the last pet: host gets RESET" 'BMC command: RESET' "$(cat "$WORK/host.log")"
+expect "no expiry while petted over LAN for $(( (last - start) / 1000 )) s (> countdown)" '^0$' "$(resets)"
+sleep 4.2
+expect "no expiry 4.2 s after the last pet" '^0$' "$(resets)"
+sleep 1.8
+expect "expiry ~5 s after the last pet: host gets RESET" 'BMC command: RESET' "$(cat "$WORK/host.log")"
 expect "expiry: SEL 'Hard reset'" 'Watchdog2 IPMI Watchdog \| Hard reset \| Asserted' "$(ipmi sel elist | tail -2)"
 expect "expiry: expiration flag SMS/OS" 'Timer Expiration Flags: \(0x10\)' "$(ipmi mc watchdog get)"
 expect "expiry calls no chassis_control" '^$' "$(calls)"
+# known bug: a 1 s pre-timeout expires 1 s early (the re-arm of a < 1 s remainder is dropped)
+console 'sensor_set_bit 0x20 0 0 1 0 0' >/dev/null
+seen=$(resets)
+ipmi raw 0x06 0x24 0x04 0x31 0x01 0x10 0x32 0x00 >/dev/null
+ipmi mc watchdog reset >/dev/null
+sleep 4.5
+expect "known ipmi_sim bug: with a 1 s pre-timeout a 5.0 s countdown expires within 4.5 s" "^$((seen + 1))$" "$(resets)"
 # known bug: without a pre-timeout, a pet does not restart a running countdown
 console 'sensor_set_bit 0x20 0 0 1 0 0' >/dev/null
 ipmi raw 0x06 0x24 0x04 0x01 0x00 0x10 0x32 0x00 >/dev/null
-seen=$(grep -c 'BMC command: RESET' "$WORK/host.log")
+seen=$(resets)
 ipmi mc watchdog reset >/dev/null
 for _ in 1 2 3 4 5; do sleep 1.2; ipmi mc watchdog reset >/dev/null; done
 expect "known ipmi_sim bug: without pre-timeout, pets do not restart it (RESET within 6 s despite pets)" \
-  "^$((seen + 1))$" "$(grep -c 'BMC command: RESET' "$WORK/host.log")"
+  "^$((seen + 1))$" "$(resets)"
 
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

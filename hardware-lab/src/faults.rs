@@ -17,6 +17,7 @@
 //! | `cpu-ierr` | on | processor IERR | hung | fine |
 //! | `memory-uncorrectable` | on | uncorrectable ECC | hung | fine |
 //! | `network-isolation` | on | — | alive, heartbeats cut | fine |
+//! | `heartbeat-loss` (`--percent`) | on | — | alive, that share of heartbeats lost | fine |
 //! | `bmc-down` | — | — | fine | unreachable |
 //! | `dark` | — | — | heartbeats cut | unreachable |
 //! | `slow` (`--delay`) | | | | answers late |
@@ -57,6 +58,8 @@ pub enum FaultKind {
     MemoryUncorrectable,
     /// The node's service network is cut.
     NetworkIsolation,
+    /// A share of the node's heartbeats is lost (a congested or flaky network).
+    HeartbeatLoss,
     /// The BMC is unreachable.
     BmcDown,
     /// Both paths are lost.
@@ -90,6 +93,7 @@ impl FaultKind {
         FaultKind::CpuIerr,
         FaultKind::MemoryUncorrectable,
         FaultKind::NetworkIsolation,
+        FaultKind::HeartbeatLoss,
         FaultKind::BmcDown,
         FaultKind::Dark,
         FaultKind::Slow,
@@ -146,6 +150,13 @@ pub struct Fault {
     /// `http-error`: how many times.
     #[serde(default = "default_count")]
     pub count: u32,
+    /// `heartbeat-loss`: the share lost, percent.
+    #[serde(default = "default_percent")]
+    pub percent: u8,
+}
+
+fn default_percent() -> u8 {
+    50
 }
 
 fn default_status() -> u16 {
@@ -167,6 +178,7 @@ impl Fault {
             delay_ms: 2_000,
             status: default_status(),
             count: default_count(),
+            percent: default_percent(),
         }
     }
 }

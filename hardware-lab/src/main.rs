@@ -59,6 +59,9 @@ enum Command {
         /// http-error: how many requests get it.
         #[arg(long, default_value_t = 3)]
         count: u32,
+        /// heartbeat-loss: the share of heartbeats lost, percent.
+        #[arg(long, default_value_t = 50)]
+        percent: u8,
     },
     /// End every fault of a server of a running lab.
     Repair {
@@ -67,6 +70,20 @@ enum Command {
         state_dir: PathBuf,
         /// The server.
         server: String,
+    },
+    /// Inject transient noise into a running lab for a while: slow and erroring BMCs, BMC
+    /// reboots, 1 s heartbeat blackouts, 50 % heartbeat loss bursts. None of it may make vigil
+    /// fence anybody.
+    Soak {
+        /// The running lab's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// How long.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Only these servers (default: every node).
+        #[arg(long)]
+        server: Vec<String>,
     },
     /// Show the state of a running lab's servers.
     Status {
@@ -149,6 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             delay,
             status,
             count,
+            percent,
         } => {
             let Some(kind) = FaultKind::parse(&fault) else {
                 let names: Vec<String> = FaultKind::ALL.iter().map(|k| k.name()).collect();
@@ -162,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 delay_ms: delay.as_millis() as u64,
                 status,
                 count,
+                percent,
             };
             let e = Endpoints::load(&state_dir)?;
             let (code, body) = control::request(
@@ -192,6 +211,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{body}");
             Ok(())
         }
+        Command::Soak {
+            state_dir,
+            duration,
+            server,
+        } => soak(&state_dir, duration, server).await,
         Command::Status { state_dir, server } => {
             let e = Endpoints::load(&state_dir)?;
             let path = match &server {
@@ -208,4 +232,87 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// One noise of the soak, on one server.
+fn noise(n: u32) -> Fault {
+    let r = |lo: u64, hi: u64| lo + rand::random::<u64>() % (hi - lo + 1);
+    match n % 6 {
+        0 => Fault {
+            delay_ms: r(300, 1500),
+            duration_ms: Some(r(2000, 5000)),
+            ..Fault::new(FaultKind::Slow)
+        },
+        1 => Fault {
+            status: if rand::random::<bool>() { 503 } else { 500 },
+            count: r(1, 2) as u32,
+            duration_ms: Some(5000),
+            ..Fault::new(FaultKind::HttpError)
+        },
+        2 => Fault {
+            duration_ms: Some(1000),
+            ..Fault::new(FaultKind::NetworkIsolation)
+        },
+        3 => Fault {
+            percent: 50,
+            duration_ms: Some(5000),
+            ..Fault::new(FaultKind::HeartbeatLoss)
+        },
+        4 => Fault {
+            duration_ms: Some(r(1000, 2000)),
+            ..Fault::new(FaultKind::BmcReboot)
+        },
+        _ => Fault {
+            delay_ms: r(100, 400),
+            duration_ms: Some(r(3000, 8000)),
+            ..Fault::new(FaultKind::Slow)
+        },
+    }
+}
+
+async fn soak(
+    state_dir: &std::path::Path,
+    duration: Duration,
+    only: Vec<String>,
+) -> anyhow::Result<()> {
+    let e = Endpoints::load(state_dir)?;
+    let servers: Vec<String> = if only.is_empty() {
+        e.servers
+            .iter()
+            .filter(|(_, s)| s.role == vigil_lab::rack::Role::Node)
+            .map(|(n, _)| n.clone())
+            .collect()
+    } else {
+        only
+    };
+    if servers.is_empty() {
+        bail!("no server to soak");
+    }
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut counts: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+    while tokio::time::Instant::now() < deadline {
+        let s = &servers[rand::random::<u64>() as usize % servers.len()];
+        let f = noise(rand::random::<u32>());
+        let (code, body) = control::request(
+            &e.control_url,
+            "POST",
+            &format!("/servers/{s}/inject"),
+            Some(&serde_json::to_value(&f)?),
+        )
+        .await?;
+        if code != 200 {
+            bail!("the lab refused: {body}");
+        }
+        *counts.entry(f.kind.name()).or_default() += 1;
+        let pause = 1000 + rand::random::<u64>() % 2000;
+        tokio::time::sleep(
+            Duration::from_millis(pause)
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+        )
+        .await;
+    }
+    // Let the last noises end by themselves before reporting.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    println!("{}", serde_json::to_string(&counts)?);
+    Ok(())
 }

@@ -417,7 +417,10 @@ impl Rack {
         };
         let api_token = state_dir.join("secrets").join("api-token");
         write_private(&api_token, &format!("{}\n", random_secret()))?;
-        std::fs::write(&vigil_config, vigil_toml(topology, &endpoints, &state_dir))?;
+        std::fs::write(
+            &vigil_config,
+            vigil_toml(topology, &endpoints, &state_dir, &profiles),
+        )?;
         // The rack is only up when vigil itself accepts its configuration.
         let checked = vigil::config::check(&vigil_config)?;
         if checked.diagnostics.has_errors() {
@@ -455,7 +458,16 @@ impl Rack {
 
 /// A vigil configuration for this rack: nodes pin their BMC's certificate, hosts trust the lab CA
 /// (so both trust forms are exercised).
-fn vigil_toml(t: &Topology, e: &Endpoints, state_dir: &Path) -> String {
+fn vigil_toml(t: &Topology, e: &Endpoints, state_dir: &Path, profiles: &ProfileSet) -> String {
+    // A POST stage is a fraction of a whole POST: twice the longest scaled POST is safely stuck.
+    let post_timeout_ms = t
+        .servers
+        .iter()
+        .filter_map(|s| profiles.get(&s.firmware_profile))
+        .map(|p| (p.timing.post.as_secs_f64() * 1000.0 * t.time_scale * 2.0) as u64)
+        .max()
+        .unwrap_or(10_000)
+        .max(1000);
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -471,8 +483,10 @@ fn vigil_toml(t: &Topology, e: &Endpoints, state_dir: &Path) -> String {
     );
     let _ = writeln!(
         s,
-        "[policy]\nmode = \"act\"\nheartbeat_interval = \"{}ms\"\nheartbeat_misses = 3\nbmc_poll_interval = \"{}ms\"\nbmc_request_timeout = \"2s\"\nbmc_connect_timeout = \"1s\"\n",
+        "[policy]\nmode = \"act\"\nheartbeat_interval = \"{}ms\"\nheartbeat_misses = 3\nwatchdog_timeout = \"{}ms\"\npost_timeout = \"{}ms\"\nbmc_poll_interval = \"{}ms\"\nbmc_request_timeout = \"2s\"\nbmc_connect_timeout = \"1s\"\n",
         t.heartbeat_interval_ms,
+        t.watchdog_timeout_ms,
+        post_timeout_ms,
         // The BMC is polled as often as heartbeats come, so both paths are seen together.
         t.heartbeat_interval_ms
     );

@@ -297,7 +297,18 @@ impl SimServer {
     /// Whether a heartbeat sent now reaches the appliance (the service network is up).
     pub fn heartbeat_passes(&self) -> bool {
         let s = self.state();
-        s.os != OsState::Isolated && !s.has(FaultKind::NetworkIsolation) && !s.has(FaultKind::Dark)
+        if s.os == OsState::Isolated || s.has(FaultKind::NetworkIsolation) || s.has(FaultKind::Dark)
+        {
+            return false;
+        }
+        let loss = s
+            .faults
+            .iter()
+            .filter(|(f, _)| f.kind == FaultKind::HeartbeatLoss)
+            .map(|(f, _)| f.percent)
+            .max()
+            .unwrap_or(0);
+        loss == 0 || rand::random::<u8>() % 100 >= loss
     }
 
     /// Takes the power transitions not yet seen by the OS simulation, with the OS state now.
@@ -597,6 +608,7 @@ impl ServerState {
                     self.os = OsState::Isolated;
                 }
             }
+            HeartbeatLoss => {}
             BmcDown => self.mood.unreachable_until = Some(Millis::MAX),
             Dark => {
                 self.mood.unreachable_until = Some(Millis::MAX);
@@ -668,6 +680,7 @@ impl ServerState {
                     self.os = OsState::Running;
                 }
             }
+            HeartbeatLoss => {}
             Slow => self.mood.delay_ms = 0,
             HttpError => self.mood.http_error = None,
             SessionExhaustion => self.sessions.retain(|s| !s.user.starts_with("lab-phantom")),

@@ -11,6 +11,7 @@ mod agent;
 mod check_config;
 mod probe;
 pub mod profile;
+pub mod watch;
 
 use std::path::PathBuf;
 
@@ -60,6 +61,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Observe mode: detect and diagnose only, never act; print each verdict as it changes.
+    Watch {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this node (or host).
+        node: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this long (default: until SIGINT/SIGTERM).
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+    },
     /// Hardware profiles: what each node's virtual twin must look like.
     Profile {
         /// What to do.
@@ -92,6 +107,12 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::CheckConfig { file, json, show } => check_config::run(&file, json, show),
         Command::Agent(args) => agent::run(args),
+        Command::Watch {
+            config,
+            node,
+            json,
+            duration,
+        } => watch::run(&config, node.as_deref(), json, duration),
         Command::Probe {
             config,
             machines,

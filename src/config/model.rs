@@ -45,8 +45,14 @@ pub mod defaults {
     pub const BMC_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
     /// A fencing verdict needs this many consecutive samples agreeing.
     pub const EVIDENCE_SAMPLES: u32 = 3;
-    /// ... held for at least this long.
-    pub const EVIDENCE_FOR: Duration = Duration::from_secs(2);
+    /// ... held for at least this long (a machine under suspicion is polled five times faster,
+    /// so three samples come within this).
+    pub const EVIDENCE_FOR: Duration = Duration::from_millis(500);
+    /// The host watchdog timeout the nodes' OS sets: a lost heartbeat with no watchdog expiry
+    /// after this long means the OS is alive (isolated), not hung.
+    pub const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(10);
+    /// A host at one POST stage longer than this is stuck in POST.
+    pub const POST_TIMEOUT: Duration = Duration::from_secs(180);
     /// An isolated node (alive, unreachable by clients) is failed over only after this long.
     pub const ISOLATION_GRACE: Duration = Duration::from_secs(60);
     /// At most this many failovers run at once.
@@ -224,6 +230,12 @@ pub struct Policy {
     /// How long the evidence of a fencing verdict must hold.
     #[serde(with = "humantime_serde_compat")]
     pub evidence_for: Duration,
+    /// The host watchdog timeout the nodes' OS sets.
+    #[serde(with = "humantime_serde_compat")]
+    pub watchdog_timeout: Duration,
+    /// How long a POST stage may last before the host counts as stuck in POST.
+    #[serde(with = "humantime_serde_compat")]
+    pub post_timeout: Duration,
     /// How long an isolated node is given before it is failed over.
     #[serde(with = "humantime_serde_compat")]
     pub isolation_grace: Duration,
@@ -258,6 +270,8 @@ impl Default for Policy {
             bmc_request_timeout: defaults::BMC_REQUEST_TIMEOUT,
             evidence_samples: defaults::EVIDENCE_SAMPLES,
             evidence_for: defaults::EVIDENCE_FOR,
+            watchdog_timeout: defaults::WATCHDOG_TIMEOUT,
+            post_timeout: defaults::POST_TIMEOUT,
             isolation_grace: defaults::ISOLATION_GRACE,
             storm_guard: StormGuard {
                 max_concurrent_failovers: defaults::STORM_MAX_CONCURRENT,

@@ -289,6 +289,12 @@ fn parse_policy(
     if let Some(v) = t.duration(d, "evidence_for") {
         p.evidence_for = v.into_inner();
     }
+    if let Some(v) = t.duration(d, "watchdog_timeout") {
+        p.watchdog_timeout = v.into_inner();
+    }
+    if let Some(v) = t.duration(d, "post_timeout") {
+        p.post_timeout = v.into_inner();
+    }
     if let Some(v) = t.duration(d, "isolation_grace") {
         p.isolation_grace = v.into_inner();
     }
