@@ -11,6 +11,8 @@
 //! - [`bmc`]: the BMC trait and the Redfish driver.
 //! - [`diagnosis`]: pure: evidence and time in, verdict out.
 //! - [`monitor`]: both paths to every machine, polled, listened to and judged.
+//! - [`fencing`]: confirmed power-off with fallback methods, logged before every action.
+//! - [`journal`]: the fencing log, append-only and hash-chained.
 //! - [`config`]: the inventory and policy file, firmware profiles, secret references.
 //! - [`heartbeat`]: the heartbeat packet and the node agent that sends it.
 //! - [`telemetry`]: logging (stderr text or JSON, journald under systemd).
@@ -24,7 +26,9 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod diagnosis;
+pub mod fencing;
 pub mod heartbeat;
+pub mod journal;
 pub mod model;
 pub mod monitor;
 pub mod telemetry;

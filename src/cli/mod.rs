@@ -9,6 +9,8 @@
 
 mod agent;
 mod check_config;
+mod fence;
+pub mod log;
 mod probe;
 pub mod profile;
 pub mod watch;
@@ -75,12 +77,68 @@ pub enum Command {
         #[arg(long = "for", value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
     },
+    /// Fence a node by hand (confirmed power-off), show the plan (--dry-run), or record an
+    /// operator's confirmation that it is off (--ack-off).
+    Fence {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The node.
+        node: String,
+        /// Show the plan and check each method's reachability and credentials; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Record that you made sure the node is off (it lets a pending failover proceed).
+        #[arg(long)]
+        ack_off: bool,
+        /// Who acknowledges (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        by: Option<String>,
+        /// What you did to make sure it is off.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Power a repaired node on for inspection (refused while its virtual twin runs).
+    PowerOn {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The node.
+        node: String,
+    },
+    /// The fencing log: a readable timeline, or `verify` to check its hash chain.
+    Log {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// `verify` checks the chain instead of printing.
+        action: Option<LogAction>,
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only since this time ("2h", or "2026-11-28T03:00:00Z").
+        #[arg(long)]
+        since: Option<String>,
+        /// Keep printing records as they are written.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON record per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Hardware profiles: what each node's virtual twin must look like.
     Profile {
         /// What to do.
         #[command(subcommand)]
         action: ProfileAction,
     },
+}
+
+/// `vigil log` actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogAction {
+    /// Check the hash chain: every record present, in order, unedited.
+    Verify,
 }
 
 /// `vigil profile` subcommands.
@@ -113,6 +171,28 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             json,
             duration,
         } => watch::run(&config, node.as_deref(), json, duration),
+        Command::Fence {
+            config,
+            node,
+            dry_run,
+            ack_off,
+            by,
+            reason,
+        } => fence::run(&config, &node, dry_run, ack_off, by, reason),
+        Command::PowerOn { config, node } => fence::power_on(&config, &node),
+        Command::Log {
+            config,
+            action: Some(LogAction::Verify),
+            ..
+        } => log::verify(&config),
+        Command::Log {
+            config,
+            action: None,
+            node,
+            since,
+            follow,
+            json,
+        } => log::show(&config, node.as_deref(), since.as_deref(), follow, json),
         Command::Probe {
             config,
             machines,

@@ -1,0 +1,520 @@
+//! Fencing: make certain a node can no longer run its workload, and prove it.
+//!
+//! Overview: a [`FencePlan`] lists the methods for a node in order (Redfish ForceOff first, then
+//! IPMI chassis power off when the node has it and this build reads IPMI), each with its own
+//! timeout and retries. [`fence`] walks the plan. Before every action it *reads* the power
+//! state: a node already off is confirmed without any action, which is also how an interrupted
+//! fence converges after a crash (the log shows the action was announced; the read shows whether
+//! it took; nothing is re-sent that is not needed). Every action is written to the fencing log and
+//! fsynced before it is sent, and again with its answer. A fence is confirmed only when the power
+//! state reads `Off` on [`CONFIRM_READS`] consecutive reads: `PoweringOff` is not off, a read
+//! error breaks the run, a stale BMC that keeps saying `On` never confirms. A "busy" refusal
+//! (the firmware's 409 right after an Off, 400 during POST) is retried after a pause. When every
+//! method fails, the node is left fence-pending, logged loudly, and no failover may start until a
+//! later fence confirms it or an operator acknowledges it is off ([`ack_off`]).
+//!
+//! Scope: one fence of one node. When to fence is the supervisor's; the verdict is diagnosis's.
+//!
+//! Key types: [`FencePlan`], [`Method`], [`FenceOutcome`], [`fence`], [`FenceError`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::bmc::{ActionOutcome, Bmc, BmcError, Depth, PowerAction};
+use crate::journal::{Journal, JournalError, RecordKind};
+use crate::model::PowerReading;
+
+/// Consecutive `Off` reads that confirm a fence.
+pub const CONFIRM_READS: u32 = 2;
+/// Time between confirmation reads.
+pub const CONFIRM_INTERVAL: Duration = Duration::from_millis(150);
+/// Pause before retrying a method the BMC said it is too busy for.
+pub const BUSY_PAUSE: Duration = Duration::from_millis(500);
+
+/// A way to power a node off.
+#[derive(Clone)]
+pub struct Method {
+    /// Its name in logs (`redfish ForceOff`).
+    pub name: String,
+    /// The BMC it goes through.
+    pub bmc: Arc<dyn Bmc>,
+    /// How long one attempt (action and confirmation) may take.
+    pub timeout: Duration,
+    /// Attempts after the first.
+    pub retries: u32,
+}
+
+impl std::fmt::Debug for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Method")
+            .field("name", &self.name)
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .finish()
+    }
+}
+
+/// The methods for one node, in order.
+#[derive(Debug, Clone)]
+pub struct FencePlan {
+    /// The node.
+    pub node: String,
+    /// Methods, tried in order.
+    pub methods: Vec<Method>,
+    /// How long the firmware takes to show an Off it has accepted (from its profile): an
+    /// action announced before a crash is given this long to show before anything is re-sent.
+    pub reflect: Duration,
+}
+
+impl FencePlan {
+    /// The plan as it is logged.
+    pub fn describe(&self) -> Vec<serde_json::Value> {
+        self.methods
+            .iter()
+            .map(|m| json!({ "method": m.name, "timeout_ms": m.timeout.as_millis() as u64, "retries": m.retries }))
+            .collect()
+    }
+}
+
+/// How a fence ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "outcome")]
+pub enum FenceOutcome {
+    /// Power read back Off.
+    Confirmed {
+        /// Through which method.
+        method: String,
+        /// It was off before any action of this fence.
+        already_off: bool,
+        /// Power actions sent by this fence.
+        actions: u32,
+        /// How long, ms.
+        elapsed_ms: u64,
+    },
+    /// Every method failed; the node is fence-pending.
+    Pending {
+        /// What each attempt got.
+        attempts: Vec<String>,
+    },
+}
+
+/// Why a fence could not even be attempted.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    /// The fencing log cannot be written: no action is taken without its record.
+    #[error("no action taken: the fencing log cannot be written")]
+    Journal(#[from] JournalError),
+    /// The node has no method at all.
+    #[error("{0} has no fencing method (no Redfish and no IPMI endpoint)")]
+    NoMethod(String),
+}
+
+/// Test-only fault injection: `VIGIL_CRASH_AT=<step>` makes the process abort at that step of a
+/// fence, exactly as a kill -9 would, so that tests can prove the restart converges. Steps:
+/// `fence-begin`, `after-announce`, `after-action`, `before-confirm`.
+fn crash_point(step: &str) {
+    if std::env::var("VIGIL_CRASH_AT").is_ok_and(|s| s == step) {
+        eprintln!("VIGIL_CRASH_AT={step}: aborting here, as a kill -9 would");
+        std::process::abort();
+    }
+}
+
+enum Read {
+    Off,
+    NotOff(PowerReading),
+    Failed(BmcError),
+}
+
+async fn read_power(bmc: &dyn Bmc, timeout: Duration) -> Read {
+    match tokio::time::timeout(timeout, bmc.status(Depth::Fast)).await {
+        Ok(Ok(s)) if s.power == PowerReading::Off => Read::Off,
+        Ok(Ok(s)) => Read::NotOff(s.power),
+        Ok(Err(e)) => Read::Failed(e),
+        Err(_) => Read::Failed(BmcError::Timeout {
+            endpoint: "fence".into(),
+            what: "power read".into(),
+            timeout_ms: timeout.as_millis() as u64,
+        }),
+    }
+}
+
+/// Readings run-length encoded for the log: "On x40, PoweringOff x3, Off x2".
+pub fn summarize(reads: &[String]) -> String {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for r in reads {
+        match out.last_mut() {
+            Some((v, n)) if v == r => *n += 1,
+            _ => out.push((r.clone(), 1)),
+        }
+    }
+    out.iter()
+        .map(|(v, n)| {
+            if *n > 1 {
+                format!("{v} x{n}")
+            } else {
+                v.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reads until `CONFIRM_READS` consecutive Off reads, or the deadline. Returns the readings.
+async fn confirm(bmc: &dyn Bmc, deadline: tokio::time::Instant) -> (bool, Vec<String>) {
+    let mut streak = 0;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return (false, seen);
+        }
+        match read_power(bmc, left).await {
+            Read::Off => {
+                streak += 1;
+                seen.push("Off".into());
+                if streak >= CONFIRM_READS {
+                    return (true, seen);
+                }
+            }
+            Read::NotOff(p) => {
+                streak = 0;
+                seen.push(format!("{p:?}"));
+            }
+            Read::Failed(e) => {
+                streak = 0;
+                seen.push(format!("error: {e}"));
+            }
+        }
+        if seen.len() > 200 {
+            seen.drain(..100);
+        }
+        tokio::time::sleep(
+            CONFIRM_INTERVAL.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+        )
+        .await;
+    }
+}
+
+/// Fences `plan.node`. `epoch` is the failover's, `why` the verdict that asked for it (both
+/// logged). Returns how it ended; an error means nothing was attempted.
+pub async fn fence(
+    plan: &FencePlan,
+    journal: &Arc<Mutex<Journal>>,
+    epoch: Option<u64>,
+    why: serde_json::Value,
+) -> Result<FenceOutcome, FenceError> {
+    let node = plan.node.as_str();
+    if plan.methods.is_empty() {
+        return Err(FenceError::NoMethod(node.to_string()));
+    }
+    let started = tokio::time::Instant::now();
+    // Was a power action announced by a fence that never finished (the appliance crashed)?
+    let resumed = {
+        let j = journal.lock().unwrap_or_else(|p| p.into_inner());
+        j.records()
+            .iter()
+            .rev()
+            .filter(|r| r.node.as_deref() == Some(node))
+            .find(|r| {
+                matches!(
+                    r.kind,
+                    RecordKind::FenceAction
+                        | RecordKind::FenceActionResult
+                        | RecordKind::FenceConfirmed
+                        | RecordKind::FencePending
+                        | RecordKind::AckOff
+                        | RecordKind::PowerOn
+                )
+            })
+            .is_some_and(|r| {
+                matches!(
+                    r.kind,
+                    RecordKind::FenceAction | RecordKind::FenceActionResult
+                )
+            })
+    };
+    let log = |kind, msg: String, detail| -> Result<(), JournalError> {
+        journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(Some(node), kind, epoch, msg, detail)
+            .map(drop)
+    };
+    log(
+        RecordKind::FenceBegin,
+        if resumed {
+            format!(
+                "resuming the interrupted fence of {node}: reading its power before sending anything again"
+            )
+        } else {
+            format!("fencing {node}: {} method(s) in order", plan.methods.len())
+        },
+        json!({ "plan": plan.describe(), "why": why, "resumed": resumed }),
+    )?;
+    tracing::warn!(node, action = "fence", epoch, "fence begins");
+    crash_point("fence-begin");
+    let mut attempts = Vec::new();
+    let mut actions = 0;
+    for m in &plan.methods {
+        for attempt in 1..=m.retries + 1 {
+            let deadline = tokio::time::Instant::now() + m.timeout;
+            // Read first: a node already off (or on its way off) needs no action, and an
+            // interrupted fence whose action did take is confirmed without a second one: it is
+            // given the firmware's reflect time to show it.
+            let first = read_power(m.bmc.as_ref(), m.timeout).await;
+            let wait_first = matches!(first, Read::Off | Read::NotOff(PowerReading::PoweringOff))
+                || (resumed && actions == 0 && attempt == 1);
+            if wait_first {
+                let until = if matches!(first, Read::Off) {
+                    deadline
+                } else {
+                    (tokio::time::Instant::now()
+                        + plan.reflect
+                        + CONFIRM_INTERVAL * (CONFIRM_READS + 1))
+                        .min(deadline)
+                };
+                let (ok, reads) = confirm(m.bmc.as_ref(), until).await;
+                if ok {
+                    let elapsed_ms = started.elapsed().as_millis() as u64;
+                    log(
+                        RecordKind::FenceConfirmed,
+                        format!(
+                            "{node} is off (read back Off {CONFIRM_READS} times through {}; no action was needed)",
+                            m.name
+                        ),
+                        json!({ "method": m.name, "already_off": true, "reads": summarize(&reads), "elapsed_ms": elapsed_ms }),
+                    )?;
+                    tracing::warn!(node, action = "fence", method = %m.name, elapsed_ms, "fence confirmed (already off)");
+                    return Ok(FenceOutcome::Confirmed {
+                        method: m.name.clone(),
+                        already_off: actions == 0,
+                        actions,
+                        elapsed_ms,
+                    });
+                }
+            }
+            log(
+                RecordKind::FenceAction,
+                format!(
+                    "sending power off to {node} through {} (attempt {attempt})",
+                    m.name
+                ),
+                json!({ "method": m.name, "attempt": attempt }),
+            )?;
+            crash_point("after-announce");
+            actions += 1;
+            let r = tokio::time::timeout(m.timeout, m.bmc.power(PowerAction::Off)).await;
+            crash_point("after-action");
+            let (result_text, go_on, busy) = match &r {
+                Ok(Ok(ActionOutcome::Accepted)) => ("accepted".to_string(), true, false),
+                Ok(Ok(ActionOutcome::AlreadyDone)) => ("already off".to_string(), true, false),
+                Ok(Err(e)) => (
+                    format!("error: {e}"),
+                    e.is_transient(),
+                    e.to_string().contains("busy"),
+                ),
+                Err(_) => (
+                    format!("no answer within {} ms", m.timeout.as_millis()),
+                    true,
+                    false,
+                ),
+            };
+            log(
+                RecordKind::FenceActionResult,
+                format!("{} answered: {result_text}", m.name),
+                json!({ "method": m.name, "attempt": attempt, "result": result_text }),
+            )?;
+            crash_point("before-confirm");
+            if go_on {
+                let (ok, reads) = confirm(m.bmc.as_ref(), deadline).await;
+                if ok {
+                    let elapsed_ms = started.elapsed().as_millis() as u64;
+                    log(
+                        RecordKind::FenceConfirmed,
+                        format!(
+                            "{node} is off: read back Off {CONFIRM_READS} times through {} after {elapsed_ms} ms",
+                            m.name
+                        ),
+                        json!({ "method": m.name, "already_off": false, "reads": summarize(&reads), "elapsed_ms": elapsed_ms, "actions": actions }),
+                    )?;
+                    tracing::warn!(node, action = "fence", method = %m.name, elapsed_ms, "fence confirmed");
+                    return Ok(FenceOutcome::Confirmed {
+                        method: m.name.clone(),
+                        already_off: false,
+                        actions,
+                        elapsed_ms,
+                    });
+                }
+                attempts.push(format!(
+                    "{} attempt {attempt}: {result_text}; not confirmed: read {}",
+                    m.name,
+                    summarize(&reads)
+                ));
+            } else {
+                attempts.push(format!("{} attempt {attempt}: {result_text}", m.name));
+                break;
+            }
+            if busy {
+                tokio::time::sleep(BUSY_PAUSE).await;
+            }
+        }
+    }
+    log(
+        RecordKind::FencePending,
+        format!(
+            "FENCE PENDING: {node} could not be confirmed off by any method; no failover until it is, or until an operator runs `vigil fence {node} --ack-off`"
+        ),
+        json!({ "attempts": attempts }),
+    )?;
+    tracing::error!(node, action = "fence", attempts = ?attempts, "FENCE PENDING: no method confirmed the node off; no failover will start");
+    Ok(FenceOutcome::Pending { attempts })
+}
+
+/// An operator's explicit confirmation that `node` is off (they pulled its power, say).
+pub fn ack_off(
+    journal: &Arc<Mutex<Journal>>,
+    node: &str,
+    by: &str,
+    reason: &str,
+    epoch: Option<u64>,
+) -> Result<(), JournalError> {
+    journal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .append(
+            Some(node),
+            RecordKind::AckOff,
+            epoch,
+            format!("{by} confirmed {node} is off: {reason}"),
+            json!({ "by": by, "reason": reason }),
+        )
+        .map(drop)
+}
+
+/// The plan for a configured machine: Redfish ForceOff (IPMI chassis power off is listed when
+/// configured, but this build has no IPMI driver yet and says so in the plan).
+pub fn plan_for(
+    name: &str,
+    redfish: Option<Arc<dyn Bmc>>,
+    policy: &crate::config::Policy,
+    profile_off_reflect: Duration,
+) -> FencePlan {
+    let mut methods = Vec::new();
+    if let Some(b) = redfish {
+        methods.push(Method {
+            name: "redfish ForceOff".into(),
+            bmc: b,
+            // Enough for the request, the firmware's own delay to reflect the Off, and reads.
+            timeout: policy.bmc_request_timeout * 2
+                + profile_off_reflect
+                + CONFIRM_INTERVAL * (CONFIRM_READS + 2),
+            retries: 2,
+        });
+    }
+    FencePlan {
+        node: name.to_string(),
+        methods,
+        reflect: profile_off_reflect,
+    }
+}
+
+/// What the fencing log says of a node's fences, rebuilt on start.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct FenceState {
+    /// A fence began and has neither confirmed nor gone pending: interrupted.
+    pub interrupted: bool,
+    /// The last fence ended pending, with no later confirmation or acknowledgement.
+    pub pending: bool,
+    /// The node is known off (confirmed or acknowledged) since its last power-on.
+    pub off: bool,
+    /// The epoch of the last fence.
+    pub epoch: Option<u64>,
+}
+
+/// Replays the log for `node`.
+pub fn state_of(records: &[crate::journal::Record], node: &str) -> FenceState {
+    let mut s = FenceState::default();
+    for r in records.iter().filter(|r| r.node.as_deref() == Some(node)) {
+        match r.kind {
+            RecordKind::FenceBegin => {
+                s.interrupted = true;
+                s.epoch = r.epoch;
+            }
+            RecordKind::FenceConfirmed | RecordKind::AckOff => {
+                s.interrupted = false;
+                s.pending = false;
+                s.off = true;
+            }
+            RecordKind::FencePending => {
+                s.interrupted = false;
+                s.pending = true;
+            }
+            RecordKind::PowerOn | RecordKind::FailbackDone => s.off = false,
+            _ => {}
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_are_summarized_by_runs() {
+        let r: Vec<String> = ["On", "On", "PoweringOff", "Off", "Off"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(summarize(&r), "On x2, PoweringOff, Off x2");
+    }
+
+    #[test]
+    fn the_log_replay_tells_interrupted_pending_and_off() {
+        use crate::journal::Journal;
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.append(
+            Some("db1"),
+            RecordKind::FenceBegin,
+            Some(3),
+            "b",
+            json!(null),
+        )
+        .unwrap();
+        j.append(
+            Some("db1"),
+            RecordKind::FenceAction,
+            Some(3),
+            "a",
+            json!(null),
+        )
+        .unwrap();
+        assert_eq!(
+            state_of(j.records(), "db1"),
+            FenceState {
+                interrupted: true,
+                pending: false,
+                off: false,
+                epoch: Some(3)
+            }
+        );
+        j.append(
+            Some("db1"),
+            RecordKind::FencePending,
+            Some(3),
+            "p",
+            json!(null),
+        )
+        .unwrap();
+        assert!(state_of(j.records(), "db1").pending);
+        j.append(Some("db1"), RecordKind::AckOff, Some(3), "ack", json!(null))
+            .unwrap();
+        let s = state_of(j.records(), "db1");
+        assert!(s.off && !s.pending && !s.interrupted);
+        assert_eq!(state_of(j.records(), "web1"), FenceState::default());
+    }
+}

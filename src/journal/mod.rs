@@ -1,0 +1,454 @@
+//! The fencing log: the appliance's durable, append-only, hash-chained record of every verdict,
+//! action and result, and the evidence behind it.
+//!
+//! Overview: one JSON object per line in `<state_dir>/fencing.log`. Each record carries a
+//! sequence number, the wall-clock time, the node, its kind, the failover epoch, the evidence,
+//! the result, and the SHA-256 of the previous record, and its own hash over all of that, so a
+//! truncated, edited, reordered or deleted record is detected ([`verify`]). A record is written
+//! and fsynced *before* the action it announces, and again with the result: if the log cannot be
+//! written (disk full, read-only), [`Journal::append`] fails and the caller takes no action. On
+//! start the appliance replays the log ([`Journal::open`]) to rebuild what it was doing.
+//!
+//! Scope: the file. What the records mean for the state machines is theirs; reading them for
+//! people is `vigil log`.
+//!
+//! Key types: [`Journal`], [`Record`], [`RecordKind`], [`JournalError`].
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The file name in the state directory.
+pub const FILE_NAME: &str = "fencing.log";
+/// The hash "before" the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// A record line longer than this is refused (evidence is bounded; a bigger line is corruption).
+pub const MAX_LINE: usize = 1 << 20;
+
+/// What a record says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordKind {
+    /// The appliance started (and what it recovered).
+    Start,
+    /// A verdict changed.
+    Verdict,
+    /// A fence begins (before any action).
+    FenceBegin,
+    /// A power action is about to be sent (written before it is).
+    FenceAction,
+    /// The power action's answer.
+    FenceActionResult,
+    /// The fence is confirmed: power read back Off.
+    FenceConfirmed,
+    /// Every method failed: the node stays fence-pending.
+    FencePending,
+    /// An operator confirmed the node is off.
+    AckOff,
+    /// A failover begins, with its epoch.
+    FailoverBegin,
+    /// A virtual node was placed.
+    Placement,
+    /// A virtual node is being started.
+    VmStart,
+    /// A virtual node is running.
+    VmRunning,
+    /// The virtual node's first heartbeat arrived: failover complete.
+    VmHeartbeat,
+    /// The failover failed.
+    FailoverFailed,
+    /// Failback begins.
+    FailbackBegin,
+    /// The virtual node is stopped and confirmed stopped.
+    VmStopped,
+    /// The physical node was powered on.
+    PowerOn,
+    /// Failback complete: the node heartbeats again.
+    FailbackDone,
+    /// An operator action (maintenance, pause, resume).
+    Operator,
+    /// Nothing was done, and why (storm guard, appliance isolated, observe mode).
+    Refusal,
+}
+
+/// One record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Sequence number, from 1, +1 each record.
+    pub seq: u64,
+    /// Wall-clock time, RFC 3339 UTC with milliseconds.
+    pub time: String,
+    /// The node concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// What happened.
+    pub kind: RecordKind,
+    /// The failover epoch it belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// A short human sentence.
+    pub message: String,
+    /// Structured details: verdict and evidence, method, readings, result.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub detail: serde_json::Value,
+    /// Hash of the previous record.
+    pub prev: String,
+    /// Hash of this record (over every field above).
+    #[serde(default)]
+    pub hash: String,
+}
+
+impl Record {
+    fn compute_hash(&self) -> String {
+        let mut r = self.clone();
+        r.hash = String::new();
+        let body = serde_json::to_string(&r).unwrap_or_default();
+        let d = Sha256::digest(body.as_bytes());
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Why the log cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// It cannot be opened, read or written.
+    #[error("fencing log {path} cannot be {what}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// read, written, fsynced.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another vigil process has the log open.
+    #[error(
+        "fencing log {0} is in use by another vigil process (is the daemon running? use its API)"
+    )]
+    Busy(PathBuf),
+    /// A line is not a record.
+    #[error("fencing log {path}, line {line}: not a record ({reason})")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The line.
+        line: usize,
+        /// Why.
+        reason: String,
+    },
+    /// The hash chain is broken.
+    #[error(
+        "fencing log {path}, line {line}: {reason}: the log was edited, reordered or truncated"
+    )]
+    Chain {
+        /// The file.
+        path: PathBuf,
+        /// The line.
+        line: usize,
+        /// What does not match.
+        reason: String,
+    },
+}
+
+/// The open log.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    /// An exclusive lock on `<log>.lock` held while the journal is open: two writers would break
+    /// the chain, so a second vigil process (the CLI while the daemon runs) is refused.
+    _lock: nix::fcntl::Flock<File>,
+    last_seq: u64,
+    last_hash: String,
+    records: Vec<Record>,
+}
+
+/// Wall-clock now as RFC 3339 UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    crate::clock::wall_rfc3339()
+}
+
+/// Reads and checks every record of `path`. Returns them in order.
+pub fn verify(path: &Path) -> Result<Vec<Record>, JournalError> {
+    let io = |what, source| JournalError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    };
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("read", e)),
+    };
+    let mut reader = BufReader::new(f);
+    let mut out: Vec<Record> = Vec::new();
+    let mut prev = GENESIS.to_string();
+    let mut line_no = 0;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = reader
+            .by_ref()
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| io("read", e))?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        if buf.last() != Some(&b'\n') {
+            return Err(JournalError::Chain {
+                path: path.to_path_buf(),
+                line: line_no,
+                reason: if n > MAX_LINE {
+                    "a line is longer than any record".into()
+                } else {
+                    "the last record is cut short".into()
+                },
+            });
+        }
+        let r: Record =
+            serde_json::from_slice(&buf[..buf.len() - 1]).map_err(|e| JournalError::Corrupt {
+                path: path.to_path_buf(),
+                line: line_no,
+                reason: e.to_string(),
+            })?;
+        let chain = |reason: String| JournalError::Chain {
+            path: path.to_path_buf(),
+            line: line_no,
+            reason,
+        };
+        if r.seq != out.len() as u64 + 1 {
+            return Err(chain(format!(
+                "sequence number {} where {} was expected",
+                r.seq,
+                out.len() + 1
+            )));
+        }
+        if r.prev != prev {
+            return Err(chain("it does not follow the record before it".into()));
+        }
+        if r.compute_hash() != r.hash {
+            return Err(chain("its content does not match its hash".into()));
+        }
+        prev = r.hash.clone();
+        out.push(r);
+    }
+    Ok(out)
+}
+
+impl Journal {
+    /// Opens (creating) the log in `state_dir`, checking the whole chain first.
+    pub fn open(state_dir: &Path) -> Result<Self, JournalError> {
+        let path = state_dir.join(FILE_NAME);
+        std::fs::create_dir_all(state_dir).map_err(|source| JournalError::Io {
+            path: path.clone(),
+            what: "created",
+            source,
+        })?;
+        let lock_path = path.with_extension("lock");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| JournalError::Io {
+                path: lock_path.clone(),
+                what: "opened",
+                source,
+            })?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| JournalError::Busy(path.clone()))?;
+        let records = verify(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| JournalError::Io {
+                path: path.clone(),
+                what: "opened for writing",
+                source,
+            })?;
+        let (last_seq, last_hash) = records
+            .last()
+            .map_or((0, GENESIS.to_string()), |r| (r.seq, r.hash.clone()));
+        Ok(Self {
+            path,
+            file,
+            _lock: lock,
+            last_seq,
+            last_hash,
+            records,
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every record so far (as read at open, plus those appended since).
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    /// The highest failover epoch recorded.
+    pub fn last_epoch(&self) -> u64 {
+        self.records
+            .iter()
+            .filter_map(|r| r.epoch)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Appends a record and fsyncs it. On error nothing may be done that the record announces.
+    pub fn append(
+        &mut self,
+        node: Option<&str>,
+        kind: RecordKind,
+        epoch: Option<u64>,
+        message: impl Into<String>,
+        detail: serde_json::Value,
+    ) -> Result<Record, JournalError> {
+        let mut r = Record {
+            seq: self.last_seq + 1,
+            time: now_rfc3339(),
+            node: node.map(String::from),
+            kind,
+            epoch,
+            message: message.into(),
+            detail,
+            prev: self.last_hash.clone(),
+            hash: String::new(),
+        };
+        r.hash = r.compute_hash();
+        let mut line = serde_json::to_vec(&r).map_err(|e| JournalError::Io {
+            path: self.path.clone(),
+            what: "written",
+            source: std::io::Error::other(e),
+        })?;
+        line.push(b'\n');
+        let io = |what, source| JournalError::Io {
+            path: self.path.clone(),
+            what,
+            source,
+        };
+        self.file.write_all(&line).map_err(|e| io("written", e))?;
+        self.file.sync_data().map_err(|e| io("fsynced", e))?;
+        self.last_seq = r.seq;
+        self.last_hash = r.hash.clone();
+        self.records.push(r.clone());
+        Ok(r)
+    }
+}
+
+/// Whether `node`'s virtual twin is running according to the log: started and not stopped since.
+pub fn twin_running(records: &[Record], node: &str) -> bool {
+    let mut running = false;
+    for r in records.iter().filter(|r| r.node.as_deref() == Some(node)) {
+        match r.kind {
+            RecordKind::VmStart | RecordKind::VmRunning | RecordKind::VmHeartbeat => running = true,
+            RecordKind::VmStopped | RecordKind::FailoverFailed => running = false,
+            _ => {}
+        }
+    }
+    running
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn records_chain_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.append(
+            Some("db1"),
+            RecordKind::FenceBegin,
+            Some(1),
+            "fence",
+            json!({"verdict": "x"}),
+        )
+        .unwrap();
+        j.append(
+            Some("db1"),
+            RecordKind::FenceConfirmed,
+            Some(1),
+            "off",
+            json!(null),
+        )
+        .unwrap();
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.records().len(), 2);
+        assert_eq!(j.last_epoch(), 1);
+        assert_eq!(j.records()[1].prev, j.records()[0].hash);
+    }
+
+    fn tampered(edit: impl Fn(String) -> String) -> JournalError {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        for i in 0..3 {
+            j.append(
+                Some("db1"),
+                RecordKind::Verdict,
+                None,
+                format!("v{i}"),
+                json!(null),
+            )
+            .unwrap();
+        }
+        let p = dir.path().join(FILE_NAME);
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, edit(text)).unwrap();
+        Journal::open(dir.path()).unwrap_err()
+    }
+
+    #[test]
+    fn an_edit_a_deletion_and_a_truncation_are_detected() {
+        let e = tampered(|t| t.replace("\"v1\"", "\"v9\""));
+        assert!(matches!(e, JournalError::Chain { line: 2, .. }), "{e}");
+        let e = tampered(|t| {
+            let l: Vec<&str> = t.lines().collect();
+            format!("{}\n{}\n", l[0], l[2])
+        });
+        assert!(matches!(e, JournalError::Chain { line: 2, .. }), "{e}");
+        let e = tampered(|t| t[..t.len() - 10].to_string());
+        assert!(e.to_string().contains("cut short"), "{e}");
+        let e = tampered(|t| format!("{t}garbage\n"));
+        assert!(matches!(e, JournalError::Corrupt { line: 4, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _j = Journal::open(dir.path()).unwrap();
+        assert!(matches!(
+            Journal::open(dir.path()),
+            Err(JournalError::Busy(_))
+        ));
+    }
+
+    #[test]
+    fn an_unwritable_log_refuses_to_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        // /dev/full accepts the open and fails every write with ENOSPC, as a full disk does.
+        j.file = OpenOptions::new().append(true).open("/dev/full").unwrap();
+        let e = j
+            .append(None, RecordKind::Start, None, "start", json!(null))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("cannot be written") || e.to_string().contains("fsynced"),
+            "{e}"
+        );
+        assert_eq!(j.records().len(), 0);
+    }
+}
