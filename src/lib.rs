@@ -15,6 +15,8 @@
 //! - [`journal`]: the fencing log, append-only and hash-chained.
 //! - [`config`]: the inventory and policy file, firmware profiles, secret references.
 //! - [`heartbeat`]: the heartbeat packet and the node agent that sends it.
+//! - [`placement`]: pure: which failover or backup server takes which failed node (N+m).
+//! - [`virt`]: virtual nodes: the VM spec from a hardware profile, and the QEMU driver.
 //! - [`telemetry`]: logging (stderr text or JSON, journald under systemd).
 //! - [`cli`]: the command line.
 //!
@@ -31,4 +33,6 @@ pub mod heartbeat;
 pub mod journal;
 pub mod model;
 pub mod monitor;
+pub mod placement;
 pub mod telemetry;
+pub mod virt;

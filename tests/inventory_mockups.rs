@@ -196,3 +196,84 @@ async fn cpus_match_what_the_captures_are_known_to_hold() {
     .unwrap();
     assert_eq!(p.dimms.len(), 8);
 }
+
+/// The twin of every captured server: VM spec, fidelity report and QEMU command line, compared
+/// with the reviewed files in tests/golden/ (regenerate with VIGIL_UPDATE_GOLDEN=1 and review
+/// the diff).
+#[tokio::test]
+async fn vm_specs_of_every_capture_match_their_golden_files() {
+    use vigil::config::CpuPolicy;
+    use vigil::virt::GuestIdentity;
+    use vigil::virt::qemu::{NetMode, args};
+    use vigil::virt::spec::{Accel, CpuTable, HostLimits, Inputs, build};
+
+    let dir = lab_data().join("redfish-mockups");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    let table = CpuTable::builtin();
+    let golden_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let update = std::env::var_os("VIGIL_UPDATE_GOLDEN").is_some();
+    let mut mismatches = Vec::new();
+    for name in &names {
+        let disk = Disk::open(name);
+        let systems = members(&disk.read("/redfish/v1/Systems").unwrap());
+        let sys_uri = systems
+            .iter()
+            .find(|s| disk.read(s).is_some_and(|v| v.get("Processors").is_some()))
+            .unwrap_or(&systems[0]);
+        let p = profile_from(&disk, "n1", sys_uri).await.unwrap();
+        let inputs = Inputs {
+            node: "n1",
+            epoch: 7,
+            cap_vcpus: Some(8),
+            cap_memory_mib: Some(4096),
+            cpu_policy: CpuPolicy::Named,
+            boot_disk: Some("/srv/vigil/disks/n1.img"),
+            kernel: None,
+        };
+        let spec = build(
+            &p,
+            &inputs,
+            HostLimits {
+                vcpus: 16,
+                memory_mib: 16384,
+                accel: Accel::Tcg,
+            },
+            &table,
+        );
+        assert!(spec.cpu.vcpus() <= 8, "{name}");
+        assert!(spec.memory_mib <= 4096, "{name}");
+        let id = GuestIdentity {
+            appliance: "10.0.2.2:7481".into(),
+            key: vigil::config::Secret::new("not-in-the-args"),
+        };
+        let a = args(
+            &spec,
+            Path::new("/run/vigil/vms/vigil-n1-e7"),
+            &NetMode::User,
+            &id,
+            false,
+        );
+        assert!(
+            a.iter().all(|x| !x.contains("not-in-the-args")),
+            "{name}: the key leaked into QEMU's arguments"
+        );
+        let got =
+            serde_json::to_string_pretty(&serde_json::json!({ "spec": spec, "qemu_args": a }))
+                .unwrap()
+                + "\n";
+        let f = golden_dir.join(format!("vmspec-{name}.json"));
+        if update {
+            std::fs::write(&f, &got).unwrap();
+        } else if std::fs::read_to_string(&f).ok().as_deref() != Some(got.as_str()) {
+            mismatches.push(format!(
+                "{} differs (run with VIGIL_UPDATE_GOLDEN=1 and review)",
+                f.display()
+            ));
+        }
+    }
+    assert!(mismatches.is_empty(), "{mismatches:#?}");
+}
