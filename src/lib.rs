@@ -17,6 +17,7 @@
 //! - [`heartbeat`]: the heartbeat packet and the node agent that sends it.
 //! - [`placement`]: pure: which failover or backup server takes which failed node (N+m).
 //! - [`virt`]: virtual nodes: the VM spec from a hardware profile, and the QEMU driver.
+//! - [`supervisor`]: the per-node state machines (pure) and the jobs they start.
 //! - [`telemetry`]: logging (stderr text or JSON, journald under systemd).
 //! - [`cli`]: the command line.
 //!
@@ -34,5 +35,6 @@ pub mod journal;
 pub mod model;
 pub mod monitor;
 pub mod placement;
+pub mod supervisor;
 pub mod telemetry;
 pub mod virt;

@@ -143,10 +143,11 @@ extract_vmlinux() {
   len=$(od -An -v -tu4 -j $((0x24c)) -N 4 "$bz" | tr -d ' ')
   start=$(((setup + 1) * 512 + off))
   magic=$(od -An -v -tx1 -j "$start" -N 6 "$bz" | tr -d ' \n')
+  payload() { dd if="$bz" bs=64K iflag=skip_bytes,count_bytes skip="$start" count="$len" status=none; }
   case "$magic" in
-  fd377a585a00) tail -c +$((start + 1)) "$bz" | head -c "$len" | xz -dc --single-stream >"$out" ;;
-  28b52ffd*) tail -c +$((start + 1)) "$bz" | head -c "$len" | zstd -dcq >"$out" 2>/dev/null || [ -s "$out" ] ;;
-  1f8b*) tail -c +$((start + 1)) "$bz" | head -c "$len" | gzip -dc >"$out" 2>/dev/null || [ -s "$out" ] ;;
+  fd377a585a00) payload | xz -dc --single-stream >"$out" ;;
+  28b52ffd*) payload | zstd -dcq >"$out" ;;
+  1f8b*) payload | gzip -dc >"$out" ;;
   *) die "unknown kernel compression in $bz (payload magic $magic at $start)" ;;
   esac
   [ "$(od -An -tx1 -N 4 "$out" | tr -d ' \n')" = 7f454c46 ] || die "the payload of $bz is not an ELF kernel"
@@ -207,27 +208,31 @@ fi
 
 # --- busybox -----------------------------------------------------------------------------------
 
+# The cache keeps busybox as a ready tree: bin/busybox and a symlink per applet in its place (bin/sh,
+# sbin/poweroff, usr/bin/nc, ...), so a build copies it in one go.
 BDIR="$CACHE/busybox/${BVER//:/%3a}"
-if [ ! -x "$BDIR/busybox" ]; then
+if [ ! -x "$BDIR/root/bin/busybox" ]; then
   bdeb=$(fetch "$BPKG" "$BVER")
   mkdir -p "$TMP/bb"
   dpkg-deb -x "$bdeb" "$TMP/bb"
   [ -x "$TMP/bb/bin/busybox" ] || die "$bdeb has no bin/busybox"
+  bb="$TMP/bbroot"
+  mkdir -p "$bb/bin"
+  cp "$TMP/bb/bin/busybox" "$bb/bin/busybox"
+  "$bb/bin/busybox" --list-full | LC_ALL=C sort | while read -r applet; do
+    mkdir -p "$bb/$(dirname "$applet")"
+    [ -e "$bb/$applet" ] || ln -s /bin/busybox "$bb/$applet"
+  done
+  rm -rf "$BDIR"
   mkdir -p "$BDIR"
-  cp "$TMP/bb/bin/busybox" "$BDIR/busybox.new"
-  # The applets it offers, with their places (bin/sh, sbin/poweroff, usr/bin/nc, ...).
-  "$BDIR/busybox.new" --list-full | LC_ALL=C sort >"$BDIR/applets"
-  mv "$BDIR/busybox.new" "$BDIR/busybox"
+  mv "$bb" "$BDIR/root"
 fi
 
 # --- the initramfs -----------------------------------------------------------------------------
 
 R="$TMP/root"
 mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,etc/acpi/PWRF,lib/modules,var/log,root}
-cp "$BDIR/busybox" "$R/bin/busybox"
-while read -r applet; do
-  [ -e "$R/$applet" ] || [ -L "$R/$applet" ] || ln -s /bin/busybox "$R/$applet"
-done <"$BDIR/applets"
+cp -a "$BDIR/root/." "$R/"
 cp "$AGENT" "$R/bin/vigil"
 cp "$KDIR"/modules/*.ko "$R/lib/modules/"
 cp "$KDIR/modules.load" "$R/etc/modules"

@@ -1,0 +1,401 @@
+//! Every (phase, input) pair that matters, and the properties the machine keeps.
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::config::{Failback, StormGuard};
+use crate::diagnosis::HardwareKind;
+
+fn policy() -> Policy {
+    Policy {
+        mode: Mode::Act,
+        failback: Failback::Auto {
+            healthy_delay: Duration::from_secs(10),
+        },
+        ..Policy::default()
+    }
+}
+
+fn verdict(kind: Kind) -> Input {
+    Input::Verdict(
+        Diagnosis {
+            kind,
+            candidate: None,
+            why: String::new(),
+            evidence: Vec::new(),
+            since: 0,
+            held_ms: 0,
+            samples: 3,
+            flapping: false,
+        },
+        None,
+    )
+}
+
+fn phys(kind: Kind, power: PowerReading, health: Health) -> Input {
+    match verdict(kind) {
+        Input::Verdict(d, _) => Input::Verdict(d, Some(Physical { power, health })),
+        _ => unreachable!(),
+    }
+}
+
+const HW: Kind = Kind::HardwareFault(HardwareKind::Power);
+
+#[test]
+fn a_hardware_fault_requests_a_failover_and_the_gate_grants_it() {
+    let p = policy();
+    let mut rack = Rack::new(
+        [("db1".to_string(), Node::new("db1", Phase::Watching))].into(),
+        4,
+    );
+    let d = Deadlines::default();
+    assert!(
+        rack.nodes
+            .get_mut("db1")
+            .unwrap()
+            .step(verdict(HW), 100, &p, &d)
+            .is_empty()
+    );
+    assert_eq!(rack.nodes["db1"].phase, Phase::Requested { since: 100 });
+    let a = rack.grant(&p, 150);
+    assert_eq!(
+        a,
+        vec![Action::StartFailover {
+            node: "db1".into(),
+            epoch: 5,
+            fenced: false,
+            why: "hardware-fault:power".into()
+        }]
+    );
+    assert_eq!(rack.nodes["db1"].state_name(), "fencing");
+}
+
+#[test]
+fn observe_mode_and_a_pause_fence_nobody_and_say_so_once() {
+    let mut p = policy();
+    p.mode = Mode::Observe;
+    let d = Deadlines::default();
+    let mut n = Node::new("db1", Phase::Watching);
+    let a = n.step(verdict(HW), 0, &p, &d);
+    assert!(matches!(&a[..], [Action::Refuse { reason, .. }] if reason.contains("observe mode")));
+    assert!(n.step(verdict(HW), 100, &p, &d).is_empty(), "said once");
+    assert_eq!(n.phase, Phase::Watching);
+
+    let p = policy();
+    let mut rack = Rack::new(
+        [(
+            "db1".to_string(),
+            Node::new("db1", Phase::Requested { since: 0 }),
+        )]
+        .into(),
+        0,
+    );
+    rack.paused = true;
+    let a = rack.grant(&p, 10);
+    assert!(matches!(&a[..], [Action::Refuse { reason, .. }] if reason.contains("paused")));
+}
+
+#[test]
+fn the_storm_guard_refuses_when_too_many_fail_at_once_and_limits_concurrency() {
+    let mut p = policy();
+    p.storm_guard = StormGuard {
+        max_concurrent_failovers: 1,
+        max_failing_fraction: 0.5,
+    };
+    let nodes = |k: usize| -> BTreeMap<String, Node> {
+        (0..4)
+            .map(|i| {
+                let name = format!("n{i}");
+                let ph = if i < k {
+                    Phase::Requested { since: 0 }
+                } else {
+                    Phase::Watching
+                };
+                (name.clone(), Node::new(&name, ph))
+            })
+            .collect()
+    };
+    // 3 of 4 failing: more than half: nobody.
+    let mut rack = Rack::new(nodes(3), 0);
+    let a = rack.grant(&p, 0);
+    assert_eq!(a.len(), 3);
+    assert!(
+        a.iter()
+            .all(|x| matches!(x, Action::Refuse { reason, .. } if reason.contains("storm guard")))
+    );
+    // 2 of 4: allowed, but one at a time.
+    let mut rack = Rack::new(nodes(2), 0);
+    let a = rack.grant(&p, 0);
+    assert_eq!(
+        a.iter()
+            .filter(|x| matches!(x, Action::StartFailover { .. }))
+            .count(),
+        1
+    );
+    assert!(
+        rack.grant(&p, 1).is_empty(),
+        "the second waits for the first"
+    );
+}
+
+#[test]
+fn an_isolated_node_waits_out_its_grace_and_a_recovery_cancels_it() {
+    let p = policy();
+    let d = Deadlines::default();
+    let mut n = Node::new("web1", Phase::Watching);
+    n.step(verdict(Kind::Isolated), 1000, &p, &d);
+    assert_eq!(n.phase, Phase::Waiting { until: 61_000 });
+    n.step(Input::Tick, 60_999, &p, &d);
+    assert!(matches!(n.phase, Phase::Waiting { .. }));
+    n.step(Input::Tick, 61_000, &p, &d);
+    assert!(matches!(n.phase, Phase::Requested { .. }));
+    let mut m = Node::new("web2", Phase::Watching);
+    m.step(verdict(Kind::Isolated), 0, &p, &d);
+    m.step(verdict(Kind::Healthy), 5000, &p, &d);
+    assert_eq!(m.phase, Phase::Watching);
+}
+
+#[test]
+fn a_job_walks_the_steps_and_ends_running_virtual() {
+    let p = policy();
+    let d = Deadlines::default();
+    let mut n = Node::new(
+        "db1",
+        Phase::Failover {
+            epoch: 3,
+            step: Step::Fencing,
+            since: 0,
+        },
+    );
+    for s in [Step::Fenced, Step::Placing, Step::BootingVirtual] {
+        n.step(Input::Progress(s), 10, &p, &d);
+    }
+    assert_eq!(n.state_name(), "booting-virtual");
+    n.step(Input::FailoverDone { host: "fo1".into() }, 20, &p, &d);
+    assert_eq!(
+        n.phase,
+        Phase::RunningVirtual {
+            epoch: 3,
+            host: "fo1".into(),
+            since: 20
+        }
+    );
+}
+
+#[test]
+fn a_pending_fence_waits_for_an_operator_and_then_skips_the_fence() {
+    let p = policy();
+    let d = Deadlines::default();
+    let mut n = Node::new(
+        "db1",
+        Phase::Failover {
+            epoch: 3,
+            step: Step::Fencing,
+            since: 0,
+        },
+    );
+    n.step(Input::FencePending, 10, &p, &d);
+    assert_eq!(n.state_name(), "fence-pending");
+    assert!(
+        n.step(Input::Tick, 1_000_000, &p, &d).is_empty(),
+        "no failover without the fence or an ack"
+    );
+    let a = n.step(Input::AckOff, 20, &p, &d);
+    assert!(matches!(
+        &a[..],
+        [Action::StartFailover {
+            fenced: true,
+            epoch: 3,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_physical_node_powered_on_while_its_twin_runs_is_fenced_again() {
+    let p = policy();
+    let d = Deadlines::default();
+    let mut n = Node::new(
+        "db1",
+        Phase::RunningVirtual {
+            epoch: 3,
+            host: "fo1".into(),
+            since: 0,
+        },
+    );
+    let a = n.step(
+        phys(Kind::Suspect, PowerReading::On, Health::Ok),
+        10,
+        &p,
+        &d,
+    );
+    assert_eq!(
+        a,
+        vec![Action::Refence {
+            node: "db1".into(),
+            epoch: 3
+        }]
+    );
+}
+
+#[test]
+fn automatic_failback_after_the_healthy_delay_and_never_within_quarantine() {
+    let p = policy();
+    let d = Deadlines::default();
+    let mut n = Node::new(
+        "db1",
+        Phase::RunningVirtual {
+            epoch: 3,
+            host: "fo1".into(),
+            since: 0,
+        },
+    );
+    assert!(
+        n.step(
+            phys(Kind::Suspect, PowerReading::Off, Health::Ok),
+            1000,
+            &p,
+            &d
+        )
+        .is_empty()
+    );
+    assert!(
+        n.step(
+            phys(Kind::Suspect, PowerReading::Off, Health::Ok),
+            10_999,
+            &p,
+            &d
+        )
+        .is_empty()
+    );
+    let a = n.step(
+        phys(Kind::Suspect, PowerReading::Off, Health::Ok),
+        11_000,
+        &p,
+        &d,
+    );
+    assert_eq!(
+        a,
+        vec![Action::StartFailback {
+            node: "db1".into(),
+            epoch: 3
+        }]
+    );
+    n.step(Input::FailbackDone, 20_000, &p, &d);
+    assert_eq!(n.phase, Phase::Watching);
+    // It fails again a minute later: back on a twin, and no automatic failback this time.
+    n.set(Phase::RunningVirtual {
+        epoch: 4,
+        host: "fo1".into(),
+        since: 80_000,
+    });
+    n.step(
+        phys(Kind::Suspect, PowerReading::Off, Health::Ok),
+        90_000,
+        &p,
+        &d,
+    );
+    let a = n.step(
+        phys(Kind::Suspect, PowerReading::Off, Health::Ok),
+        200_000,
+        &p,
+        &d,
+    );
+    assert!(
+        matches!(&a[..], [Action::Refuse { reason, .. }] if reason.contains("quarantine")),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn maintenance_stops_automation_until_resumed() {
+    let p = policy();
+    let d = Deadlines::default();
+    let mut n = Node::new("db1", Phase::Watching);
+    n.step(Input::Maintenance(true), 0, &p, &d);
+    assert!(n.step(verdict(HW), 10, &p, &d).is_empty());
+    assert_eq!(n.phase, Phase::Maintenance);
+    n.step(Input::Maintenance(false), 20, &p, &d);
+    n.step(verdict(HW), 30, &p, &d);
+    assert!(matches!(n.phase, Phase::Requested { .. }));
+}
+
+#[test]
+fn an_overdue_job_is_reported_once() {
+    let p = policy();
+    let d = Deadlines::default();
+    let mut n = Node::new(
+        "db1",
+        Phase::Failover {
+            epoch: 1,
+            step: Step::BootingVirtual,
+            since: 0,
+        },
+    );
+    let limit = d.failover.as_millis() as u64;
+    assert!(n.step(Input::Tick, limit, &p, &d).is_empty());
+    assert!(matches!(
+        &n.step(Input::Tick, limit + 1, &p, &d)[..],
+        [Action::Overdue { .. }]
+    ));
+    assert!(n.step(Input::Tick, limit + 2, &p, &d).is_empty());
+}
+
+fn any_input() -> impl Strategy<Value = Input> {
+    prop_oneof![
+        Just(verdict(HW)),
+        Just(verdict(Kind::Healthy)),
+        Just(verdict(Kind::Isolated)),
+        Just(verdict(Kind::SoftwareHang)),
+        Just(phys(Kind::Suspect, PowerReading::On, Health::Ok)),
+        Just(phys(Kind::Suspect, PowerReading::Off, Health::Ok)),
+        Just(Input::Tick),
+        Just(Input::Progress(Step::Fenced)),
+        Just(Input::FailoverDone { host: "fo".into() }),
+        Just(Input::FencePending),
+        Just(Input::FailoverStalled {
+            reason: "full".into()
+        }),
+        Just(Input::FailbackDone),
+        Just(Input::AckOff),
+        Just(Input::Maintenance(true)),
+        Just(Input::Maintenance(false)),
+        Just(Input::FailoverNow),
+        Just(Input::FailbackNow),
+    ]
+}
+
+proptest! {
+    /// Whatever happens: a failover is started only by the gate (not fenced yet) or after a
+    /// confirmed/acknowledged fence; a failback only from a running twin; and a node never has
+    /// two jobs at once.
+    #[test]
+    fn jobs_start_only_from_the_right_phases(inputs in proptest::collection::vec(any_input(), 1..80)) {
+        let p = policy();
+        let d = Deadlines::default();
+        let mut rack = Rack::new([("db1".to_string(), Node::new("db1", Phase::Watching))].into(), 0);
+        let mut t = 0;
+        for i in inputs {
+            t += 7_000;
+            let before = rack.nodes["db1"].phase.clone();
+            let acts = rack.nodes.get_mut("db1").unwrap().step(i, t, &p, &d);
+            for a in &acts {
+                match a {
+                    Action::StartFailover { fenced: true, .. } => prop_assert!(matches!(before, Phase::FencePending { .. } | Phase::Parked { .. }), "{before:?}"),
+                    Action::StartFailover { fenced: false, .. } => prop_assert!(false, "only the gate starts unfenced failovers"),
+                    Action::StartFailback { .. } => prop_assert!(matches!(before, Phase::RunningVirtual { .. }), "{before:?}"),
+                    Action::Refence { .. } => prop_assert!(matches!(before, Phase::RunningVirtual { .. }), "{:?}", before),
+                    _ => {}
+                }
+                if matches!(a, Action::StartFailover { .. } | Action::StartFailback { .. }) {
+                    prop_assert!(!matches!(before, Phase::Failover { .. } | Phase::FailingBack { .. }), "two jobs at once");
+                }
+            }
+            for a in rack.grant(&p, t) {
+                if let Action::StartFailover { fenced, .. } = a {
+                    prop_assert!(!fenced);
+                }
+            }
+        }
+    }
+}
