@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //!
+//! - [`api`]: the status API, metrics and the operator page.
 //! - [`model`]: shared domain types (BMC snapshots, hardware profiles).
 //! - [`bmc`]: the BMC trait and the Redfish driver.
 //! - [`diagnosis`]: pure: evidence and time in, verdict out.
@@ -24,6 +25,7 @@
 //! The modules still to come (BMC drivers, heartbeats, diagnosis, fencing, placement, virt,
 //! journal, supervisor, api) are mapped in the README and built on these.
 
+pub mod api;
 pub mod bmc;
 pub mod cli;
 pub mod clock;

@@ -93,7 +93,9 @@ resolve() {
   read -r kpkg kver < <(echo "$show" | sed -nE \
     's/^Depends: .*(linux-image-[0-9][^ ,]*) \(= ([^)]+)\).*/\1 \2/p' | head -n1) || true
   bver=$(echo "$show" | awk '/^Package: busybox-static/ { p = 1 } p && /^Version:/ { print $2; exit }')
-  [ -n "${kpkg:-}" ] && [ -n "${kver:-}" ] || die "cannot find the versioned kernel linux-image-$ARCH depends on"
+  if [ -z "${kpkg:-}" ] || [ -z "${kver:-}" ]; then
+    die "cannot find the versioned kernel linux-image-$ARCH depends on"
+  fi
   [ -n "$bver" ] || die "cannot find the version of busybox-static"
   [ -n "${VIGIL_GUEST_KERNEL:-}" ] && { kpkg=${VIGIL_GUEST_KERNEL%%=*}; kver=${VIGIL_GUEST_KERNEL#*=}; }
   [ -n "${VIGIL_GUEST_BUSYBOX:-}" ] && bver=${VIGIL_GUEST_BUSYBOX#*=}
@@ -116,9 +118,9 @@ fetch() {
     say "downloading $pkg $ver"
     (cd "$TMP" && apt-get download -qq -o APT::Sandbox::User=root "$pkg:$ARCH=$ver" >&2) ||
       die "apt-get download $pkg=$ver failed"
-    local got
-    got=$(ls "$TMP"/"${pkg}"_*.deb 2>/dev/null | head -n1)
-    [ -n "$got" ] || die "apt-get download left no $pkg .deb"
+    local debs=("$TMP/${pkg}"_*.deb) got
+    got=${debs[0]}
+    [ -f "$got" ] || die "apt-get download left no $pkg .deb"
     [ "$(dpkg-deb -f "$got" Package Version | tr '\n' ' ')" = "Package: $pkg Version: $ver " ] ||
       die "$got is not $pkg $ver"
     mv "$got" "$deb"
@@ -159,8 +161,9 @@ if [ ! -f "$KDIR/stamp" ] || [ "$(cat "$KDIR/stamp")" != "$KSTAMP" ]; then
   x="$TMP/kernel"
   mkdir -p "$x"
   dpkg-deb -x "$kdeb" "$x"
-  bz=$(ls "$x"/boot/vmlinuz-* 2>/dev/null | head -n1)
-  [ -n "$bz" ] || die "$kdeb has no boot/vmlinuz-*"
+  kernels=("$x"/boot/vmlinuz-*)
+  bz=${kernels[0]}
+  [ -f "$bz" ] || die "$kdeb has no boot/vmlinuz-*"
   krel=${bz##*/vmlinuz-}
   # The package has no modules.dep (depmod runs at install time): make it.
   depmod -b "$x" "$krel" || die "depmod failed on $kdeb"
@@ -239,7 +242,7 @@ cp "$KDIR/modules.load" "$R/etc/modules"
 cp "$HERE/init" "$R/init"
 cp "$HERE/udhcpc.script" "$R/etc/udhcpc.script"
 # busybox acpid runs /etc/acpi/<ACTION>/<PARAMETER> for an event: the power button is PWRF/00000080.
-printf '#!/bin/sh\necho "vigil-guest: ACPI power button: powering off"\nexec poweroff -f\n' \
+printf '#!/bin/sh\necho "vigil-guest: ACPI power button: powering off" >/dev/console\nexec poweroff -f\n' \
   >"$R/etc/acpi/PWRF/00000080"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$R/etc/passwd"
 printf 'root:x:0:\n' >"$R/etc/group"

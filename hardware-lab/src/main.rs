@@ -28,6 +28,9 @@ enum Command {
         /// Where the lab keeps its files (created if needed).
         #[arg(long)]
         state_dir: PathBuf,
+        /// A built guest (vmlinux, initrd.gz) that the failover and backup servers boot twins from.
+        #[arg(long)]
+        guest: Option<PathBuf>,
     },
     /// Inject a fault into a server of a running lab.
     Inject {
@@ -126,9 +129,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up {
             topology,
             state_dir,
+            guest,
         } => {
             let t = Topology::load(&topology)?;
-            let rack = Rack::start(&t, &state_dir, RackOptions::default())?;
+            let guest = match guest {
+                Some(g) => Some(
+                    g.canonicalize()
+                        .with_context(|| format!("guest folder {} cannot be found", g.display()))?,
+                ),
+                None => None,
+            };
+            let rack = Rack::start(
+                &t,
+                &state_dir,
+                RackOptions {
+                    agents: true,
+                    guest,
+                },
+            )?;
             let e = &rack.endpoints;
             eprintln!(
                 "lab \"{}\" is up: {} servers; control {}; vigil config {}",

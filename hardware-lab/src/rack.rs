@@ -110,16 +110,22 @@ fn default_watchdog_ms() -> u64 {
 }
 
 /// How a rack is started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RackOptions {
     /// Run each server's OS as the real `vigil agent` (heartbeats, watchdog pets). Without it,
     /// the OS state pets the watchdog by itself and nothing sends heartbeats.
     pub agents: bool,
+    /// A built guest (vmlinux and initrd.gz, hardware-lab/guest/build.sh): the failover and
+    /// backup servers boot twins from it.
+    pub guest: Option<PathBuf>,
 }
 
 impl Default for RackOptions {
     fn default() -> Self {
-        Self { agents: true }
+        Self {
+            agents: true,
+            guest: None,
+        }
     }
 }
 
@@ -419,7 +425,13 @@ impl Rack {
         write_private(&api_token, &format!("{}\n", random_secret()))?;
         std::fs::write(
             &vigil_config,
-            vigil_toml(topology, &endpoints, &state_dir, &profiles),
+            vigil_toml(
+                topology,
+                &endpoints,
+                &state_dir,
+                &profiles,
+                options.guest.as_deref(),
+            ),
         )?;
         // The rack is only up when vigil itself accepts its configuration.
         let checked = vigil::config::check(&vigil_config)?;
@@ -458,7 +470,13 @@ impl Rack {
 
 /// A vigil configuration for this rack: nodes pin their BMC's certificate, hosts trust the lab CA
 /// (so both trust forms are exercised).
-fn vigil_toml(t: &Topology, e: &Endpoints, state_dir: &Path, profiles: &ProfileSet) -> String {
+fn vigil_toml(
+    t: &Topology,
+    e: &Endpoints,
+    state_dir: &Path,
+    profiles: &ProfileSet,
+    guest: Option<&Path>,
+) -> String {
     // A POST stage is a fraction of a whole POST: twice the longest scaled POST is safely stuck.
     let post_timeout_ms = t
         .servers
@@ -513,10 +531,19 @@ fn vigil_toml(t: &Topology, e: &Endpoints, state_dir: &Path, profiles: &ProfileS
                     memory: "2GiB".into(),
                     slots: Some(4),
                 });
+                let guest = guest
+                    .map(|g| {
+                        format!(
+                            "kernel = \"{}\"\ninitrd = \"{}\"\n",
+                            g.join("vmlinux").display(),
+                            g.join("initrd.gz").display()
+                        )
+                    })
+                    .unwrap_or_default();
                 (
                     "host",
                     format!(
-                        "role = \"{}\"\nhypervisor = \"qemu\"\nuri = \"local\"\ncapacity = {{ vcpus = {}, memory = \"{}\", slots = {} }}\n",
+                        "role = \"{}\"\nhypervisor = \"qemu\"\nuri = \"local\"\ncapacity = {{ vcpus = {}, memory = \"{}\", slots = {} }}\n{guest}",
                         if spec.role == Role::Failover {
                             "failover"
                         } else {

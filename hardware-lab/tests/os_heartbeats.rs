@@ -52,7 +52,15 @@ async fn heartbeats_follow_the_servers_faults() {
     t.watchdog_timeout_ms = 1000;
     // Short POSTs: a repaired server is back within a second or two.
     t.time_scale = 0.005;
-    let rack = Rack::start(&t, dir.path(), RackOptions { agents: true }).unwrap();
+    let rack = Rack::start(
+        &t,
+        dir.path(),
+        RackOptions {
+            agents: true,
+            guest: None,
+        },
+    )
+    .unwrap();
     let sock = UdpSocket::bind(&rack.endpoints.heartbeat_listen)
         .await
         .unwrap();

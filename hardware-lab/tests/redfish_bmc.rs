@@ -25,7 +25,15 @@ fn lab() -> Lab {
     let dir = tempfile::tempdir().unwrap();
     let t = Topology::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/rack4.toml"))
         .unwrap();
-    let rack = Rack::start(&t, dir.path(), RackOptions { agents: false }).unwrap();
+    let rack = Rack::start(
+        &t,
+        dir.path(),
+        RackOptions {
+            agents: false,
+            guest: None,
+        },
+    )
+    .unwrap();
     let ca = std::fs::read(&rack.endpoints.ca_file).unwrap();
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())

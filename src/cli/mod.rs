@@ -9,6 +9,8 @@
 
 mod agent;
 mod check_config;
+mod daemon;
+mod failover_plan;
 mod fence;
 pub mod log;
 mod probe;
@@ -76,6 +78,44 @@ pub enum Command {
         /// Stop after this long (default: until SIGINT/SIGTERM).
         #[arg(long = "for", value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
+    },
+    /// Run the appliance: watch, diagnose, fence, fail over, fail back (under systemd).
+    Run {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Stop after this long (tests).
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+    },
+    /// The rack as the running appliance sees it, as a table.
+    Status {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail a node over by hand (fence, then boot its twin), through the running appliance;
+    /// --dry-run shows the twin's spec, fidelity report and placement.
+    Failover {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The node.
+        node: String,
+        /// Show what would happen; do nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Fail a node back from its twin (stop the twin, confirm, power the node on).
+    Failback {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The node.
+        node: String,
     },
     /// Fence a node by hand (confirmed power-off), show the plan (--dry-run), or record an
     /// operator's confirmation that it is off (--ack-off).
@@ -165,6 +205,14 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::CheckConfig { file, json, show } => check_config::run(&file, json, show),
         Command::Agent(args) => agent::run(args),
+        Command::Run { config, duration } => daemon::run(&config, duration),
+        Command::Status { config, json } => daemon::status(&config, json),
+        Command::Failover {
+            config,
+            node,
+            dry_run,
+        } => daemon::failover(&config, &node, dry_run),
+        Command::Failback { config, node } => daemon::failback(&config, &node),
         Command::Watch {
             config,
             node,

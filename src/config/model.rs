@@ -434,6 +434,20 @@ pub struct HostConfig {
     pub bmc: BmcConfig,
     /// Its heartbeat.
     pub heartbeat: HeartbeatConfig,
+    /// Boot twins on this host from this kernel and initrd instead of their disks.
+    pub guest_kernel: Option<GuestKernel>,
+}
+
+/// A kernel and initrd that twins on a host boot directly (network-booted workloads, and the
+/// hardware lab's guest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GuestKernel {
+    /// The kernel (an uncompressed vmlinux boots fastest under TCG).
+    pub kernel: PathBuf,
+    /// The initrd.
+    pub initrd: PathBuf,
+    /// Extra kernel command line.
+    pub args: String,
 }
 
 /// Serde helpers to show durations as humantime strings in JSON output.

@@ -821,6 +821,45 @@ fn parse_host(
             None
         }
     };
+    let kernel = t.string(d, "kernel");
+    let initrd = t.string(d, "initrd");
+    let kernel_args = t.string(d, "kernel_args");
+    let guest_kernel = match (&kernel, &initrd) {
+        (Some(k), Some(i)) => {
+            let (kp, ip) = (resolve(base, k.get_ref()), resolve(base, i.get_ref()));
+            for (key, p, span) in [("kernel", &kp, k.span()), ("initrd", &ip, i.span())] {
+                if !p.is_file() {
+                    t.report(
+                        d,
+                        Severity::Error,
+                        Some(span),
+                        key,
+                        format!("{} does not exist", p.display()),
+                        Some(
+                            "build the guest (hardware-lab/guest/build.sh) or fix the path".into(),
+                        ),
+                    );
+                }
+            }
+            Some(GuestKernel {
+                kernel: kp,
+                initrd: ip,
+                args: kernel_args.map(|a| a.into_inner()).unwrap_or_default(),
+            })
+        }
+        (None, None) => None,
+        _ => {
+            t.report(
+                d,
+                Severity::Error,
+                kernel.as_ref().or(initrd.as_ref()).map(Spanned::span),
+                "kernel",
+                "`kernel` and `initrd` go together",
+                None,
+            );
+            None
+        }
+    };
     let ParsedBmc {
         config: bmc,
         redfish_span,
@@ -844,6 +883,7 @@ fn parse_host(
             firmware_profile: m.profile.as_ref()?.get_ref().clone(),
             bmc,
             heartbeat: m.heartbeat?,
+            guest_kernel,
         },
         name_span: m.name.span(),
         profile_span: m.profile.map(|p| p.span()),

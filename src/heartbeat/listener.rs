@@ -170,7 +170,16 @@ impl Listener {
             }
         };
         let at = self.clock.now();
-        match self.tracker.accept(&hb, at) {
+        // A virtual twin speaks under its node's name but is tracked apart: its heartbeats are
+        // not the physical node's, and their sequence numbers are its own.
+        let tracked = if hb.virtual_node {
+            let mut t = hb.clone();
+            t.node = format!("{}@virtual", hb.node);
+            t
+        } else {
+            hb.clone()
+        };
+        match self.tracker.accept(&tracked, at) {
             Verdict::Accepted { reboot } => {
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
                 if reboot {

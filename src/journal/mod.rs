@@ -405,6 +405,7 @@ mod tests {
             )
             .unwrap();
         }
+        drop(j);
         let p = dir.path().join(FILE_NAME);
         let text = std::fs::read_to_string(&p).unwrap();
         std::fs::write(&p, edit(text)).unwrap();

@@ -154,8 +154,21 @@ impl Monitor {
     }
 }
 
+/// A heartbeat from a virtual twin (routed to the supervisor, not to the node's diagnosis).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TwinBeat {
+    /// The node it stands in for.
+    pub node: String,
+    /// The epoch it was booted for.
+    pub epoch: u64,
+    /// When it arrived.
+    pub at: Millis,
+}
+
 /// The running listener and pollers.
 pub struct Sources {
+    /// Heartbeats of virtual twins.
+    pub twins: tokio::sync::broadcast::Sender<TwinBeat>,
     /// Observations, stamped, from every source.
     pub rx: mpsc::Receiver<(String, Observation)>,
     /// Per-machine "poll faster" flags, set by the monitor.
@@ -233,6 +246,8 @@ pub async fn start_sources(
     tasks.spawn(listener.run(cancel.child_token()));
     let htx2 = tx.clone();
     let c2 = cancel.child_token();
+    let (twins, _) = tokio::sync::broadcast::channel(1024);
+    let twins2 = twins.clone();
     tasks.spawn(async move {
         loop {
             let r = tokio::select! {
@@ -240,6 +255,15 @@ pub async fn start_sources(
                 r = hrx.recv() => r,
             };
             let Some(r) = r else { return };
+            if r.heartbeat.virtual_node {
+                // Nobody listening (no failover in progress) is fine.
+                let _receivers = twins2.send(TwinBeat {
+                    node: r.heartbeat.node.clone(),
+                    epoch: r.heartbeat.epoch,
+                    at: r.at,
+                });
+                continue;
+            }
             let obs = Observation::Heartbeat {
                 at: r.at,
                 incarnation: r.heartbeat.incarnation,
@@ -276,6 +300,7 @@ pub async fn start_sources(
         ));
     }
     Ok(Sources {
+        twins,
         rx,
         hurry,
         bmcs,

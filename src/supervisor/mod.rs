@@ -7,3 +7,5 @@
 //! Key types: [`fsm::Node`], [`fsm::Rack`], [`fsm::Action`].
 
 pub mod fsm;
+pub mod jobs;
+pub mod run;

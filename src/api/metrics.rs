@@ -1,0 +1,189 @@
+//! Prometheus metrics: per-node state, durations of detection, fencing and boot, BMC errors,
+//! heartbeat refusals. An explicit registry, no global recorder.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::diagnosis::{Diagnosis, Kind};
+use crate::journal::{Record, RecordKind};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeState {
+    node: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeProto {
+    node: String,
+    protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeVerdict {
+    node: String,
+    verdict: String,
+}
+
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.1, 2.0, 12))
+}
+
+/// The appliance's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    state: Family<NodeState, Gauge>,
+    verdicts: Family<NodeVerdict, Counter>,
+    bmc_errors: Family<NodeProto, Counter>,
+    refused: Gauge,
+    detection: Histogram,
+    fence: Histogram,
+    boot: Histogram,
+    recovery: Histogram,
+    /// Which (node, state) pairs are set, to clear the old one when a node changes state.
+    set: Mutex<Vec<NodeState>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every family.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vigil");
+        let state = Family::<NodeState, Gauge>::default();
+        let verdicts = Family::<NodeVerdict, Counter>::default();
+        let bmc_errors = Family::<NodeProto, Counter>::default();
+        let refused = Gauge::default();
+        let (detection, fence, boot, recovery) = (seconds(), seconds(), seconds(), seconds());
+        registry.register(
+            "node_state",
+            "1 for the state each node is in",
+            state.clone(),
+        );
+        registry.register(
+            "verdicts",
+            "Verdict changes by node and verdict",
+            verdicts.clone(),
+        );
+        registry.register(
+            "bmc_errors",
+            "Failed BMC reads by node and protocol",
+            bmc_errors.clone(),
+        );
+        registry.register(
+            "heartbeats_refused",
+            "Heartbeats refused (forged, replayed, malformed)",
+            refused.clone(),
+        );
+        registry.register(
+            "detection_seconds",
+            "How long a fencing verdict's evidence took to persist",
+            detection.clone(),
+        );
+        registry.register(
+            "fence_seconds",
+            "From failover start to confirmed fence",
+            fence.clone(),
+        );
+        registry.register(
+            "boot_seconds",
+            "From twin start to its first heartbeat",
+            boot.clone(),
+        );
+        registry.register(
+            "recovery_seconds",
+            "From failover start to the twin's first heartbeat",
+            recovery.clone(),
+        );
+        Self {
+            registry,
+            state,
+            verdicts,
+            bmc_errors,
+            refused,
+            detection,
+            fence,
+            boot,
+            recovery,
+            set: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A verdict changed.
+    pub fn verdict(&self, node: &str, d: &Diagnosis) {
+        self.verdicts
+            .get_or_create(&NodeVerdict {
+                node: node.into(),
+                verdict: d.kind.name(),
+            })
+            .inc();
+        if d.kind.fences() && d.kind != Kind::Isolated {
+            self.detection.observe(d.held_ms as f64 / 1000.0);
+        }
+    }
+
+    /// A BMC read failed.
+    pub fn bmc_error(&self, node: &str) {
+        self.bmc_errors
+            .get_or_create(&NodeProto {
+                node: node.into(),
+                protocol: "redfish".into(),
+            })
+            .inc();
+    }
+
+    /// A fencing-log record was written.
+    pub fn record(&self, r: &Record) {
+        if r.kind == RecordKind::VmHeartbeat {
+            let ms = |k: &str| r.detail[k].as_f64().map(|x| x / 1000.0);
+            if let Some(s) = ms("fence_ms") {
+                self.fence.observe(s);
+            }
+            if let Some(s) = ms("boot_ms") {
+                self.boot.observe(s);
+            }
+            if let Some(s) = ms("total_ms") {
+                self.recovery.observe(s);
+            }
+        }
+    }
+
+    /// The status of every node.
+    pub fn update(&self, s: &super::super::supervisor::run::Status) {
+        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        let now: Vec<NodeState> = s
+            .nodes
+            .iter()
+            .map(|n| NodeState {
+                node: n.name.clone(),
+                state: n.state.clone(),
+            })
+            .collect();
+        for old in set.iter().filter(|o| !now.contains(o)) {
+            self.state.get_or_create(old).set(0);
+        }
+        for n in &now {
+            self.state.get_or_create(n).set(1);
+        }
+        *set = now;
+        self.refused.set(s.heartbeats_refused as i64);
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

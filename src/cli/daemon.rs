@@ -1,0 +1,191 @@
+//! `vigil run`, `vigil status`, `vigil failover`, `vigil failback`.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::config;
+use crate::supervisor::run::{self, Options};
+
+pub(super) fn run(file: &Path, stop_after: Option<Duration>) -> anyhow::Result<u8> {
+    let rt = tokio::runtime::Runtime::new().context("the runtime cannot start")?;
+    rt.block_on(run::run(
+        file,
+        Options {
+            stop_after,
+            ..Options::default()
+        },
+    ))?;
+    Ok(0)
+}
+
+/// One HTTP/1.1 request to the appliance's API on loopback.
+pub fn api(
+    cfg: &config::Config,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let addr = cfg.appliance.api_listen;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| {
+            format!("the appliance's API at {addr} does not answer: is `vigil run` running?")
+        })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let token = match (&cfg.appliance.api_token, method) {
+        (Some(t), "POST") => format!(
+            "Authorization: Bearer {}\r\n",
+            t.resolve()
+                .map_err(|e| anyhow::anyhow!("the API token cannot be read: {e}"))?
+                .expose()
+        ),
+        _ => String::new(),
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{token}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = Vec::new();
+    s.take(16 << 20).read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .context("the API answered something that is not HTTP")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, serde_json::from_str(rest).unwrap_or(Value::Null)))
+}
+
+pub(super) fn status(file: &Path, json: bool) -> anyhow::Result<u8> {
+    let (cfg, _, _) = config::load(file)?;
+    let (code, v) = api(&cfg, "GET", "/api/status", None)?;
+    if code != 200 {
+        bail!("the API answered {code}: {v}");
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!("{:<12} {:<18} {:<28} WHY", "NODE", "STATE", "VERDICT");
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let d = &n["diagnosis"];
+        let verdict = match (d["kind"]["verdict"].as_str(), d["kind"]["kind"].as_str()) {
+            (Some(a), Some(b)) => format!("{a}:{b}"),
+            (Some(a), None) => a.to_string(),
+            _ => "-".into(),
+        };
+        let why: String = d["why"].as_str().unwrap_or("").chars().take(70).collect();
+        println!(
+            "{:<12} {:<18} {:<28} {}{}",
+            n["name"].as_str().unwrap_or(""),
+            n["state"].as_str().unwrap_or(""),
+            verdict,
+            why,
+            if n["host"] == true { " (host)" } else { "" }
+        );
+    }
+    println!();
+    println!("{:<12} {:<9} {:<14} TWINS", "HOST", "ROLE", "SLOTS");
+    for h in v["hosts"].as_array().into_iter().flatten() {
+        let twins: Vec<&str> = h["twins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["node"].as_str())
+            .collect();
+        println!(
+            "{:<12} {:<9} {:<14} {}",
+            h["name"].as_str().unwrap_or(""),
+            h["role"].as_str().unwrap_or(""),
+            format!("{}/{}", twins.len(), h["capacity"]["slots"]),
+            twins.join(", ")
+        );
+    }
+    println!(
+        "\nmode {}{}",
+        v["mode"].as_str().unwrap_or(""),
+        if v["paused"] == true {
+            ", automation paused"
+        } else {
+            ""
+        }
+    );
+    Ok(0)
+}
+
+fn node_state(cfg: &config::Config, node: &str) -> anyhow::Result<String> {
+    let (_, v) = api(cfg, "GET", "/api/status", None)?;
+    Ok(v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"] == node)
+        .and_then(|n| n["state"].as_str().map(String::from))
+        .unwrap_or_default())
+}
+
+/// Asks the running appliance for a failover or failback and follows it until `done` state.
+fn through_api(
+    file: &Path,
+    node: &str,
+    action: &str,
+    done: &str,
+    timeout: Duration,
+) -> anyhow::Result<u8> {
+    let (cfg, _, _) = config::load(file)?;
+    cfg.node(node)
+        .with_context(|| format!("no node named {node} in {}", file.display()))?;
+    let (code, v) = api(&cfg, "POST", &format!("/api/nodes/{node}/{action}"), None)?;
+    if code != 202 {
+        bail!("the appliance refused: {v}");
+    }
+    let t0 = Instant::now();
+    let mut last = String::new();
+    while t0.elapsed() < timeout {
+        let s = node_state(&cfg, node)?;
+        if s != last {
+            eprintln!("{:>6.1}s  {node}: {s}", t0.elapsed().as_secs_f64());
+            last = s.clone();
+        }
+        if s == done {
+            return Ok(0);
+        }
+        if s == "fence-pending" {
+            eprintln!(
+                "the fence is pending: make sure {node} is off, then `vigil fence --ack-off` (see `vigil log --node {node}`)"
+            );
+            return Ok(1);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!(
+        "{node} did not reach {done} within {} s; see `vigil log --node {node}`",
+        timeout.as_secs()
+    );
+    Ok(1)
+}
+
+pub(super) fn failover(file: &Path, node: &str, dry_run: bool) -> anyhow::Result<u8> {
+    if dry_run {
+        return super::failover_plan::dry_run(file, node);
+    }
+    through_api(
+        file,
+        node,
+        "failover",
+        "running-virtual",
+        Duration::from_secs(240),
+    )
+}
+
+pub(super) fn failback(file: &Path, node: &str) -> anyhow::Result<u8> {
+    through_api(file, node, "failback", "healthy", Duration::from_secs(900))
+}

@@ -1,0 +1,510 @@
+//! The failover and failback jobs: the I/O that the state machine asks for.
+//!
+//! Overview: [`failover`] fences the node (unless the fence is already confirmed or
+//! acknowledged), loads its hardware profile, places its twin, boots it and waits for the twin's
+//! first heartbeat under the node's name and the new epoch; every step is written to the fencing
+//! log before it is taken. No twin is started unless the fencing log shows the node's fence
+//! confirmed or acknowledged: the job checks the log itself rather than trust its caller. Before
+//! creating a twin it lists every host's VMs: a twin of the same epoch that already runs (the
+//! appliance crashed after starting it) is adopted, never doubled; a twin of an older epoch is
+//! stopped and confirmed stopped first. [`failback`] stops the twin, confirms it stopped, and
+//! only then powers the physical node on and waits for its heartbeat: the two never run at once.
+//!
+//! Scope: one job. When to run one is the state machine's; concurrency is the runtime's.
+//!
+//! Key types: [`Env`], [`failover`], [`failback`], [`JobEnd`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::broadcast;
+
+use super::fsm::Step;
+use crate::bmc::{Bmc, PowerAction};
+use crate::clock::Clock;
+use crate::config::{Config, HostConfig, NodeConfig, ProfileSet};
+use crate::fencing::{self, FenceOutcome};
+use crate::journal::{Journal, RecordKind};
+use crate::model::HardwareProfile;
+use crate::monitor::TwinBeat;
+use crate::placement::{self, Decision, HostView, Placed, Request};
+use crate::virt::spec::{self, BootSpec, CpuTable, HostLimits};
+use crate::virt::{GuestIdentity, Hypervisor, VmState};
+
+/// How long a twin may take from start to its first heartbeat.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a repaired node may take from power-on to its first heartbeat.
+pub const RETURN_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a twin is given to shut down gracefully at failback.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything a job needs, shared by all jobs.
+#[derive(Clone)]
+pub struct Env {
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// Firmware profiles.
+    pub profiles: Arc<ProfileSet>,
+    /// The fencing log.
+    pub journal: Arc<Mutex<Journal>>,
+    /// BMC drivers by machine.
+    pub bmcs: HashMap<String, Arc<dyn Bmc>>,
+    /// Hypervisors by host.
+    pub hypervisors: HashMap<String, Arc<dyn Hypervisor>>,
+    /// Which hosts are healthy now (the monitor's verdicts).
+    pub host_health: Arc<Mutex<HashMap<String, bool>>>,
+    /// Twins and where they run.
+    pub placed: Arc<Mutex<Vec<Placed>>>,
+    /// Twins' heartbeats.
+    pub twins: broadcast::Sender<TwinBeat>,
+    /// Physical nodes' heartbeat arrivals (node, at), for failback.
+    pub returns: broadcast::Sender<(String, u64)>,
+    /// The clock.
+    pub clock: Clock,
+    /// The CPU table.
+    pub cpu_table: Arc<CpuTable>,
+    /// KVM or TCG here.
+    pub accel: spec::Accel,
+    /// Tells the monitor that vigil itself asked for a power state (node, on).
+    pub power_requested: tokio::sync::mpsc::UnboundedSender<(String, bool)>,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env")
+            .field("hosts", &self.hypervisors.len())
+            .finish()
+    }
+}
+
+/// How a failover job ended short of a running twin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEnd {
+    /// The fence could not be confirmed.
+    FencePending,
+    /// Fenced, but no twin runs: why.
+    Stalled(String),
+}
+
+impl Env {
+    fn log(
+        &self,
+        node: &str,
+        kind: RecordKind,
+        epoch: Option<u64>,
+        msg: String,
+        detail: serde_json::Value,
+    ) -> Result<(), JobEnd> {
+        self.journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(Some(node), kind, epoch, msg, detail)
+            .map(drop)
+            .map_err(|e| JobEnd::Stalled(format!("no action taken: {e}")))
+    }
+
+    fn host_views(&self) -> Vec<HostView> {
+        let health = self
+            .host_health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.cfg
+            .hosts
+            .iter()
+            .map(|h| HostView {
+                name: h.name.clone(),
+                role: h.role,
+                capacity: h.capacity,
+                healthy: self.hypervisors.contains_key(&h.name)
+                    && health.get(&h.name).copied().unwrap_or(true),
+            })
+            .collect()
+    }
+
+    fn fence_confirmed_in_log(&self, node: &str) -> bool {
+        let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        fencing::state_of(j.records(), node).off
+    }
+}
+
+fn vm_name(node: &str, epoch: u64) -> String {
+    format!("vigil-{node}-e{epoch}")
+}
+
+fn twin_epoch(vm: &str, node: &str) -> Option<u64> {
+    vm.strip_prefix(&format!("vigil-{node}-e"))?.parse().ok()
+}
+
+async fn load_profile(env: &Env, node: &NodeConfig) -> Result<HardwareProfile, String> {
+    if let Ok(text) = std::fs::read_to_string(&node.hardware_profile)
+        && let Ok(p) = serde_json::from_str::<HardwareProfile>(&text)
+    {
+        return Ok(p);
+    }
+    // No recorded profile: capture it now (a failed node's BMC usually still answers).
+    let bmc = env
+        .bmcs
+        .get(&node.name)
+        .ok_or("no recorded hardware profile and no BMC to capture one")?;
+    let p = bmc.inventory(&node.name).await.map_err(|e| {
+        format!(
+            "no recorded hardware profile ({}), and capturing one failed: {e}",
+            node.hardware_profile.display()
+        )
+    })?;
+    if let Some(dir) = node.hardware_profile.parent() {
+        let _made = std::fs::create_dir_all(dir);
+    }
+    let _saved = std::fs::write(
+        &node.hardware_profile,
+        serde_json::to_vec_pretty(&p).unwrap_or_default(),
+    );
+    Ok(p)
+}
+
+/// Runs a failover of `node` for `epoch`. Returns the host its twin runs on.
+pub async fn failover(
+    env: &Env,
+    node_name: &str,
+    epoch: u64,
+    fenced: bool,
+    why: &str,
+    progress: &(dyn Fn(Step) + Send + Sync),
+) -> Result<String, JobEnd> {
+    let node = env
+        .cfg
+        .node(node_name)
+        .ok_or_else(|| JobEnd::Stalled(format!("{node_name} is not a configured node")))?
+        .clone();
+    let started = env.clock.now();
+    // Subscribe before anything boots, so no early heartbeat is missed.
+    let mut twin_beats = env.twins.subscribe();
+    if !fenced {
+        env.log(
+            node_name,
+            RecordKind::FailoverBegin,
+            Some(epoch),
+            format!("failover of {node_name} begins (epoch {epoch}): {why}"),
+            json!({ "why": why }),
+        )?;
+        let _ = env.power_requested.send((node_name.to_string(), false));
+        let bmc = env.bmcs.get(node_name).cloned();
+        let profile = env
+            .profiles
+            .get(&node.firmware_profile)
+            .map(|p| p.timing.power_off_reflect)
+            .unwrap_or(Duration::from_secs(10));
+        let plan = fencing::plan_for(node_name, bmc, &node.policy, profile);
+        match fencing::fence(&plan, &env.journal, Some(epoch), json!({ "verdict": why })).await {
+            Ok(FenceOutcome::Confirmed { .. }) => {}
+            Ok(FenceOutcome::Pending { .. }) => return Err(JobEnd::FencePending),
+            Err(e) => return Err(JobEnd::Stalled(e.to_string())),
+        }
+    }
+    // Invariant 1: no twin unless the log shows the fence confirmed or acknowledged.
+    if !env.fence_confirmed_in_log(node_name) {
+        return Err(JobEnd::Stalled(
+            "the fencing log does not show the fence confirmed: no twin is started".into(),
+        ));
+    }
+    progress(Step::Fenced);
+    let fenced_at = env.clock.now();
+    progress(Step::Placing);
+    let profile = load_profile(env, &node).await.map_err(JobEnd::Stalled)?;
+
+    // Invariant 3: one twin per node. Adopt this epoch's if it runs; stop any older one.
+    let mut adopted: Option<String> = None;
+    for (host, hv) in &env.hypervisors {
+        for (vm, state) in hv.list().await {
+            let Some(e) = twin_epoch(&vm, node_name) else {
+                continue;
+            };
+            let live = matches!(state, VmState::Running | VmState::Paused);
+            if e == epoch && live {
+                adopted = Some(host.clone());
+            } else if live {
+                hv.stop(&vm, STOP_GRACE).await.map_err(|e| {
+                    JobEnd::Stalled(format!("a stale twin ({vm}) would not stop: {e}"))
+                })?;
+                env.log(
+                    node_name,
+                    RecordKind::VmStopped,
+                    Some(e),
+                    format!(
+                        "stopped {vm}, a twin of an older epoch, before starting epoch {epoch}"
+                    ),
+                    json!({ "vm": vm, "host": host }),
+                )?;
+            }
+        }
+    }
+    let vcpus = node
+        .virtual_size
+        .map_or(
+            profile.cpu.sockets * profile.cpu.cores_per_socket * profile.cpu.threads_per_core,
+            |v| v.vcpus,
+        )
+        .max(1);
+    let memory_bytes = node
+        .virtual_size
+        .map_or(profile.memory_mib << 20, |v| v.memory_bytes);
+    let req = Request {
+        node: node_name.to_string(),
+        group: node.isolation_group.clone(),
+        vcpus,
+        memory_bytes,
+    };
+    let host_name = match adopted {
+        Some(h) => h,
+        None => {
+            let placed = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match placement::choose(&req, &env.host_views(), &placed) {
+                Ok(Decision::Place { host } | Decision::AlreadyPlaced { host }) => host,
+                Err(refusal) => {
+                    env.log(
+                        node_name,
+                        RecordKind::Refusal,
+                        Some(epoch),
+                        format!("{refusal}"),
+                        json!({ "reasons": refusal.reasons }),
+                    )?;
+                    return Err(JobEnd::Stalled(refusal.to_string()));
+                }
+            }
+        }
+    };
+    {
+        let mut placed = env.placed.lock().unwrap_or_else(|p| p.into_inner());
+        placed.retain(|p| p.node != node_name);
+        placed.push(Placed {
+            node: node_name.into(),
+            host: host_name.clone(),
+            group: req.group.clone(),
+            vcpus: req.vcpus,
+            memory_bytes: req.memory_bytes,
+        });
+    }
+    env.log(
+        node_name,
+        RecordKind::Placement,
+        Some(epoch),
+        format!("{node_name}'s twin goes to {host_name}"),
+        json!({ "host": host_name, "vcpus": req.vcpus, "memory_mib": req.memory_bytes >> 20 }),
+    )?;
+
+    let host: HostConfig = env
+        .cfg
+        .host(&host_name)
+        .cloned()
+        .ok_or_else(|| JobEnd::Stalled(format!("{host_name} is not a configured host")))?;
+    let hv = env
+        .hypervisors
+        .get(&host_name)
+        .cloned()
+        .ok_or_else(|| JobEnd::Stalled(format!("no driver for {host_name}")))?;
+    let kernel = host.guest_kernel.as_ref().map(|g| BootSpec::Kernel {
+        kernel: g.kernel.display().to_string(),
+        initrd: g.initrd.display().to_string(),
+        append: format!("console=ttyS0 quiet panic=-1 {}", g.args)
+            .trim()
+            .to_string(),
+    });
+    let inputs = spec::Inputs {
+        node: node_name,
+        epoch,
+        cap_vcpus: node.virtual_size.map(|v| v.vcpus),
+        cap_memory_mib: node.virtual_size.map(|v| v.memory_bytes >> 20),
+        cpu_policy: node.policy.cpu_model,
+        boot_disk: node.boot_disk.as_deref(),
+        kernel,
+    };
+    let limits = HostLimits {
+        vcpus: host.capacity.vcpus,
+        memory_mib: host.capacity.memory_bytes >> 20,
+        accel: env.accel,
+    };
+    let vm = spec::build(&profile, &inputs, limits, &env.cpu_table);
+    progress(Step::BootingVirtual);
+    let key =
+        node.heartbeat.key.resolve().map_err(|e| {
+            JobEnd::Stalled(format!("the node's heartbeat key cannot be read: {e}"))
+        })?;
+    let id = GuestIdentity {
+        appliance: crate::virt::qemu::guest_appliance_addr(
+            env.cfg.appliance.heartbeat_listen,
+            &crate::virt::qemu::NetMode::User,
+        ),
+        key,
+    };
+    let boot_started = env.clock.now();
+    let already = hv.status(&vm.name).await;
+    if !matches!(already, VmState::Running) {
+        env.log(
+            node_name,
+            RecordKind::VmStart,
+            Some(epoch),
+            format!(
+                "starting {} on {host_name}: {} ({} vCPUs, {} MiB)",
+                vm.name,
+                vm.cpu.model,
+                vm.cpu.vcpus(),
+                vm.memory_mib
+            ),
+            json!({ "vm": vm.name, "host": host_name, "spec": vm, "fidelity": vm.fidelity }),
+        )?;
+        if already == VmState::Paused {
+            hv.start(&vm.name)
+                .await
+                .map_err(|e| JobEnd::Stalled(e.to_string()))?;
+        } else {
+            match hv.create(&vm, &id, false).await {
+                Ok(_) => {}
+                Err(e) => {
+                    env.log(
+                        node_name,
+                        RecordKind::FailoverFailed,
+                        Some(epoch),
+                        format!("{} did not start: {e}", vm.name),
+                        json!({ "error": e.to_string() }),
+                    )?;
+                    env.placed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .retain(|p| p.node != node_name);
+                    return Err(JobEnd::Stalled(e.to_string()));
+                }
+            }
+        }
+    }
+    let state = hv.status(&vm.name).await;
+    env.log(
+        node_name,
+        RecordKind::VmRunning,
+        Some(epoch),
+        format!("{} reads back {state:?} on {host_name}", vm.name),
+        json!({ "vm": vm.name, "state": state }),
+    )?;
+
+    // Wait for the twin's first heartbeat under the node's name and this epoch.
+    let deadline = tokio::time::Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let r = tokio::time::timeout_at(deadline, twin_beats.recv()).await;
+        match r {
+            Ok(Ok(b)) if b.node == node_name && b.epoch == epoch => {
+                let now = env.clock.now();
+                env.log(
+                    node_name,
+                    RecordKind::VmHeartbeat,
+                    Some(epoch),
+                    format!("{}'s twin heartbeats from {host_name} under epoch {epoch}: failover complete ({} ms from start, {} ms from the confirmed fence, boot {} ms)", node_name, now - started, now - fenced_at, now - boot_started),
+                    json!({ "host": host_name, "vm": vm.name, "total_ms": now - started, "fence_ms": fenced_at - started, "boot_ms": now - boot_started }),
+                )?;
+                return Ok(host_name);
+            }
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
+                let _stopped = hv.stop(&vm.name, Duration::from_secs(2)).await;
+                env.placed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|p| p.node != node_name);
+                env.log(
+                    node_name,
+                    RecordKind::FailoverFailed,
+                    Some(epoch),
+                    format!(
+                        "{} sent no heartbeat within {} s: stopped",
+                        vm.name,
+                        BOOT_TIMEOUT.as_secs()
+                    ),
+                    json!({ "vm": vm.name }),
+                )?;
+                return Err(JobEnd::Stalled(format!("{} sent no heartbeat", vm.name)));
+            }
+        }
+    }
+}
+
+/// Fails `node` back from its twin of `epoch`: stop the twin, confirm, power the node on, wait
+/// for its heartbeat.
+pub async fn failback(env: &Env, node_name: &str, epoch: u64) -> Result<(), String> {
+    let vm = vm_name(node_name, epoch);
+    let mut returns = env.returns.subscribe();
+    let log = |kind, msg: String, detail| {
+        env.log(node_name, kind, Some(epoch), msg, detail)
+            .map_err(|e| format!("{e:?}"))
+    };
+    log(
+        RecordKind::FailbackBegin,
+        format!("failback of {node_name} begins: stopping {vm} first"),
+        json!({ "vm": vm }),
+    )?;
+    // Stop the twin wherever it runs, and confirm it stopped, before anything else.
+    for (host, hv) in &env.hypervisors {
+        let s = hv.status(&vm).await;
+        if matches!(s, VmState::Absent) {
+            continue;
+        }
+        hv.stop(&vm, STOP_GRACE).await.map_err(|e| e.to_string())?;
+        let after = hv.status(&vm).await;
+        if !matches!(after, VmState::Stopped | VmState::Absent) {
+            return Err(format!(
+                "{vm} on {host} still reads {after:?}: the node is not powered on"
+            ));
+        }
+        log(
+            RecordKind::VmStopped,
+            format!("{vm} stopped on {host} (read back {after:?})"),
+            json!({ "vm": vm, "host": host }),
+        )?;
+        let _removed = hv.destroy(&vm).await;
+    }
+    env.placed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|p| p.node != node_name);
+    let bmc = env
+        .bmcs
+        .get(node_name)
+        .cloned()
+        .ok_or("no BMC to power the node on")?;
+    log(
+        RecordKind::PowerOn,
+        format!("powering {node_name} on"),
+        serde_json::Value::Null,
+    )?;
+    let _ = env.power_requested.send((node_name.to_string(), true));
+    let mut tries = 0;
+    loop {
+        match bmc.power(PowerAction::On).await {
+            Ok(_) => break,
+            Err(e) if e.is_transient() && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(format!("power on failed: {e}")),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + RETURN_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, returns.recv()).await {
+            Ok(Ok((n, _))) if n == node_name => break,
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+            _ => {
+                return Err(format!(
+                    "{node_name} did not heartbeat within {} s of its power-on",
+                    RETURN_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    }
+    log(
+        RecordKind::FailbackDone,
+        format!("{node_name} heartbeats again: failback complete"),
+        serde_json::Value::Null,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,761 @@
+//! `vigil run`: the appliance. One tokio runtime; the monitor, the state machines, the jobs, the
+//! API; systemd's readiness and watchdog; SIGTERM and SIGHUP.
+//!
+//! Overview: on start the fencing log is opened (exclusively) and replayed, and the hypervisors
+//! are listed, so that every node starts in the phase the log and the real world say it is in:
+//! an interrupted fence is resumed by reading the BMC, a twin that runs is adopted, a failback
+//! half done is finished. Then the loop: observations feed the monitor; every tick the monitor's
+//! verdicts feed the state machines, the rack's gate grants failovers within the storm guard,
+//! and the actions run as jobs (at most one per node). READY=1 goes to systemd once every
+//! machine has had a first full BMC read; WATCHDOG=1 is sent from a task inside the runtime, so
+//! a stalled runtime stops it. SIGTERM records the jobs in flight and stops (they resume on the
+//! next start); SIGHUP reloads the policy from a configuration that validates, and keeps the old
+//! one otherwise.
+//!
+//! Key types: [`Options`], [`run`], [`Status`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::fsm::{Action, Deadlines, Input, Node, Phase, Physical, Rack, Step};
+use super::jobs::{self, Env, JobEnd};
+use crate::clock::Clock;
+use crate::config::{self, Config, HypervisorDriver};
+use crate::diagnosis::{Diagnosis, Kind, Observation};
+use crate::journal::{Journal, Record, RecordKind};
+use crate::monitor::{self, Monitor};
+use crate::virt::qemu::{NetMode, QemuDriver, probe_accel};
+use crate::virt::spec::CpuTable;
+use crate::virt::{Hypervisor, VmState};
+
+/// How `vigil run` is started.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Stop after this long (tests, the demo); until a signal otherwise.
+    pub stop_after: Option<Duration>,
+    /// The QEMU binary (default `qemu-system-x86_64`).
+    pub qemu: Option<PathBuf>,
+}
+
+/// What an operator (the API) asks of the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Maintenance on or off.
+    Maintenance(String, bool),
+    /// Fail over now.
+    Failover(String),
+    /// Fail back now.
+    Failback(String),
+    /// The node is off, on an operator's word.
+    AckOff {
+        /// The node.
+        node: String,
+        /// Who.
+        by: String,
+        /// Why.
+        reason: String,
+    },
+    /// Pause all automation.
+    Pause,
+    /// Resume automation.
+    Resume,
+}
+
+/// One node as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    /// Its name.
+    pub name: String,
+    /// Whether it is a failover/backup server.
+    pub host: bool,
+    /// State name (healthy, fencing, running-virtual, ...).
+    pub state: String,
+    /// The phase with its data.
+    pub phase: Phase,
+    /// The current diagnosis.
+    pub diagnosis: Option<Diagnosis>,
+}
+
+/// A host as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostStatus {
+    /// Its name.
+    pub name: String,
+    /// Failover or backup.
+    pub role: config::HostRole,
+    /// Capacity.
+    pub capacity: config::Capacity,
+    /// Twins on it.
+    pub twins: Vec<crate::placement::Placed>,
+    /// Healthy.
+    pub healthy: bool,
+}
+
+/// The whole status.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Status {
+    /// Nodes and hosts.
+    pub nodes: Vec<NodeStatus>,
+    /// Hosts and their load.
+    pub hosts: Vec<HostStatus>,
+    /// Automation paused.
+    pub paused: bool,
+    /// Observe or act.
+    pub mode: String,
+    /// Whether the first full poll of every machine is done.
+    pub ready: bool,
+    /// Heartbeats refused (forged, replayed, malformed).
+    pub heartbeats_refused: u64,
+}
+
+/// Shared between the loop and the API.
+#[derive(Debug)]
+pub struct Shared {
+    /// The status, rebuilt every tick.
+    pub status: RwLock<Status>,
+    /// Every fencing-log record as it is written (the event stream).
+    pub events: broadcast::Sender<Record>,
+    /// Commands to the loop.
+    pub commands: mpsc::Sender<Command>,
+    /// Metrics.
+    pub metrics: crate::api::metrics::Metrics,
+}
+
+/// What a job reports back.
+#[derive(Debug)]
+enum JobResult {
+    Progress(String, Step),
+    Failover(String, Result<String, JobEnd>),
+    Failback(String, Result<(), String>),
+    Other(String, Result<(), String>),
+}
+
+fn append(
+    journal: &Arc<Mutex<Journal>>,
+    events: &broadcast::Sender<Record>,
+    node: Option<&str>,
+    kind: RecordKind,
+    epoch: Option<u64>,
+    msg: String,
+    detail: serde_json::Value,
+) {
+    match journal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .append(node, kind, epoch, msg, detail)
+    {
+        Ok(r) => {
+            let _listeners = events.send(r);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the fencing log cannot be written: no action will be taken until it can")
+        }
+    }
+}
+
+/// Rebuilds each node's phase from the fencing log and the hypervisors. Returns the phases and
+/// the jobs to resume.
+async fn recover(
+    cfg: &Config,
+    records: &[Record],
+    hvs: &HashMap<String, Arc<dyn Hypervisor>>,
+) -> (BTreeMap<String, Node>, Vec<Action>, Vec<String>) {
+    let mut nodes = BTreeMap::new();
+    let mut resume = Vec::new();
+    let mut notes = Vec::new();
+    let mut running: HashMap<String, (String, u64)> = HashMap::new();
+    for (host, hv) in hvs {
+        for (vm, s) in hv.list().await {
+            if let Some(rest) = vm.strip_prefix("vigil-")
+                && let Some((node, e)) = rest.rsplit_once("-e")
+                && let Ok(e) = e.parse::<u64>()
+                && matches!(s, VmState::Running | VmState::Paused)
+            {
+                running.insert(node.to_string(), (host.clone(), e));
+            }
+        }
+    }
+    for n in &cfg.nodes {
+        let mine: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.node.as_deref() == Some(n.name.as_str()))
+            .collect();
+        let last = |k: RecordKind| mine.iter().rposition(|r| r.kind == k);
+        let begin = last(RecordKind::FailoverBegin);
+        let done = |k| last(k).is_some_and(|i| begin.is_some_and(|b| i > b));
+        let phase = match begin {
+            Some(b) if !done(RecordKind::FailbackDone) => {
+                let epoch = mine[b].epoch.unwrap_or(0);
+                if last(RecordKind::FailbackBegin).is_some_and(|i| i > b) {
+                    notes.push(format!(
+                        "{}: resuming an interrupted failback of epoch {epoch}",
+                        n.name
+                    ));
+                    resume.push(Action::StartFailback {
+                        node: n.name.clone(),
+                        epoch,
+                    });
+                    Phase::FailingBack { epoch, since: 0 }
+                } else if let Some((host, e)) = running.get(&n.name).filter(|(_, e)| *e == epoch) {
+                    notes.push(format!(
+                        "{0}: twin vigil-{0}-e{e} runs on {host}: adopted",
+                        n.name
+                    ));
+                    if !done(RecordKind::VmHeartbeat) {
+                        resume.push(Action::StartFailover {
+                            node: n.name.clone(),
+                            epoch,
+                            fenced: true,
+                            why: "resuming after a restart: waiting for the twin's heartbeat"
+                                .into(),
+                        });
+                        Phase::Failover {
+                            epoch,
+                            step: Step::BootingVirtual,
+                            since: 0,
+                        }
+                    } else {
+                        Phase::RunningVirtual {
+                            epoch,
+                            host: host.clone(),
+                            since: 0,
+                        }
+                    }
+                } else {
+                    let fs = crate::fencing::state_of(records, &n.name);
+                    if fs.pending {
+                        notes.push(format!(
+                            "{}: fence pending (epoch {epoch}): waiting for an operator",
+                            n.name
+                        ));
+                        Phase::FencePending { epoch }
+                    } else if fs.off {
+                        notes.push(format!(
+                            "{}: fenced (epoch {epoch}), no twin runs: starting it",
+                            n.name
+                        ));
+                        resume.push(Action::StartFailover {
+                            node: n.name.clone(),
+                            epoch,
+                            fenced: true,
+                            why: "resuming after a restart".into(),
+                        });
+                        Phase::Failover {
+                            epoch,
+                            step: Step::Placing,
+                            since: 0,
+                        }
+                    } else {
+                        notes.push(format!("{}: a fence of epoch {epoch} was interrupted: resuming it (the BMC is read before anything is sent)", n.name));
+                        resume.push(Action::StartFailover {
+                            node: n.name.clone(),
+                            epoch,
+                            fenced: false,
+                            why: "resuming an interrupted fence after a restart".into(),
+                        });
+                        Phase::Failover {
+                            epoch,
+                            step: Step::Fencing,
+                            since: 0,
+                        }
+                    }
+                }
+            }
+            _ => Phase::Watching,
+        };
+        nodes.insert(n.name.clone(), Node::new(&n.name, phase));
+    }
+    (nodes, resume, notes)
+}
+
+fn hypervisors(cfg: &Config, opts: &Options) -> HashMap<String, Arc<dyn Hypervisor>> {
+    let mut out: HashMap<String, Arc<dyn Hypervisor>> = HashMap::new();
+    for h in &cfg.hosts {
+        match h.hypervisor {
+            HypervisorDriver::Qemu => {
+                out.insert(
+                    h.name.clone(),
+                    Arc::new(QemuDriver {
+                        run_dir: cfg.appliance.state_dir.join("vms").join(&h.name),
+                        binary: opts
+                            .qemu
+                            .clone()
+                            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+                        net: NetMode::User,
+                    }),
+                );
+            }
+            HypervisorDriver::Libvirt => {
+                tracing::warn!(host = %h.name, "the libvirt driver is not in this build: this host takes no twins");
+            }
+        }
+    }
+    out
+}
+
+/// Runs the appliance until a signal (or `opts.stop_after`).
+pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
+    let (cfg, profiles, diags) = config::load(path)?;
+    for d in diags.iter() {
+        tracing::warn!(problem = %d.message, "configuration");
+    }
+    for m in cfg.machines() {
+        if m.bmc
+            .redfish
+            .as_ref()
+            .is_some_and(|r| r.trust == config::RedfishTrust::InsecureSkipVerify)
+        {
+            tracing::warn!(
+                node = m.name,
+                "insecure_skip_verify: this BMC's certificate is not verified"
+            );
+        }
+    }
+    let cfg = Arc::new(cfg);
+    let journal = Arc::new(Mutex::new(
+        Journal::open(&cfg.appliance.state_dir)
+            .context("the fencing log cannot be used: vigil takes no action without it")?,
+    ));
+    let clock = Clock::start();
+    let cancel = CancellationToken::new();
+    let hvs = hypervisors(&cfg, &opts);
+    let records = journal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .records()
+        .to_vec();
+    let (nodes, resume, notes) = recover(&cfg, &records, &hvs).await;
+    let last_epoch = journal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .last_epoch();
+    let (events, _) = broadcast::channel(1024);
+    append(
+        &journal,
+        &events,
+        None,
+        RecordKind::Start,
+        None,
+        format!(
+            "vigil {} starts: {} nodes, {} hosts, mode {:?}; {}",
+            env!("CARGO_PKG_VERSION"),
+            cfg.nodes.len(),
+            cfg.hosts.len(),
+            cfg.policy.mode,
+            if notes.is_empty() {
+                "nothing to recover".to_string()
+            } else {
+                notes.join("; ")
+            }
+        ),
+        json!({ "recovered": notes }),
+    );
+
+    let mut src = monitor::start_sources(&cfg, &profiles, clock, &cancel).await?;
+    let mut mon = Monitor::new(&cfg, &src.hurry, clock.now());
+    let mut rack = Rack::new(nodes, last_epoch);
+    let mut policy = cfg.policy.clone();
+    let deadlines = Deadlines::default();
+    let (ptx, mut prx) = mpsc::unbounded_channel();
+    let (returns, _) = broadcast::channel(1024);
+    let env = Env {
+        cfg: cfg.clone(),
+        profiles: Arc::new(profiles),
+        journal: journal.clone(),
+        bmcs: src.bmcs.clone(),
+        hypervisors: hvs,
+        host_health: Arc::new(Mutex::new(HashMap::new())),
+        placed: Arc::new(Mutex::new(Vec::new())),
+        twins: src.twins.clone(),
+        returns: returns.clone(),
+        clock,
+        cpu_table: Arc::new(CpuTable::builtin()),
+        accel: probe_accel(),
+        power_requested: ptx,
+    };
+    let (ctx, mut crx) = mpsc::channel(64);
+    let shared = Arc::new(Shared {
+        status: RwLock::new(Status::default()),
+        events: events.clone(),
+        commands: ctx,
+        metrics: crate::api::metrics::Metrics::new(),
+    });
+    let api_task = crate::api::serve(cfg.clone(), shared.clone(), cancel.child_token()).await?;
+
+    // The systemd watchdog is pinged from a task of this runtime: if the runtime stalls, the
+    // pings stop and systemd restarts us.
+    let beat = Arc::new(AtomicU64::new(0));
+    if let Some(wd) = sd_notify::watchdog_enabled() {
+        let c = cancel.child_token();
+        let beat = beat.clone();
+        src.tasks.spawn(async move {
+            let mut t = tokio::time::interval(wd / 2);
+            loop {
+                tokio::select! { _ = c.cancelled() => return, _ = t.tick() => {} }
+                beat.fetch_add(1, Ordering::Relaxed);
+                let _not_systemd = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+
+    let (jtx, mut jrx) = mpsc::unbounded_channel::<JobResult>();
+    let mut jobs: JoinSet<()> = JoinSet::new();
+    let mut pending: Vec<Action> = resume;
+    let mut first_full: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let machines = cfg.machines().count();
+    let mut ready = false;
+    let mut tick = tokio::time::interval(monitor::TICK);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let deadline = opts.stop_after.map(|d| tokio::time::Instant::now() + d);
+    tracing::info!(nodes = cfg.nodes.len(), hosts = cfg.hosts.len(), api = %cfg.appliance.api_listen, heartbeats = %cfg.appliance.heartbeat_listen, "vigil runs");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            _ = hup.recv() => {
+                match config::load(path) {
+                    Ok((new, _, _)) => {
+                        policy = new.policy.clone();
+                        append(&journal, &events, None, RecordKind::Operator, None, "configuration reloaded (SIGHUP): the new policy is in force; node and host changes take effect at the next start".into(), serde_json::Value::Null);
+                    }
+                    Err(e) => {
+                        let detail = match &e { config::ConfigError::Invalid { diagnostics, .. } => diagnostics.to_string(), other => other.to_string() };
+                        tracing::error!(error = %e, "SIGHUP: the new configuration is invalid and was refused; the old one stays");
+                        append(&journal, &events, None, RecordKind::Operator, None, format!("SIGHUP: new configuration refused ({e}); the old one stays"), json!({ "problems": detail }));
+                    }
+                }
+            }
+            o = src.rx.recv() => {
+                let Some((node, obs)) = o else { break };
+                if let Observation::Heartbeat { at, .. } = &obs {
+                    let _listeners = returns.send((node.clone(), *at));
+                }
+                if let Observation::Bmc { result, at } = &obs {
+                    match result {
+                        Ok(s) if s.full => { first_full.insert(node.clone()); }
+                        Err(_) => shared.metrics.bmc_error(&node),
+                        _ => {}
+                    }
+                    let _ = at;
+                }
+                mon.observe(&node, obs);
+            }
+            Some((node, on)) = prx.recv() => {
+                mon.observe(&node, Observation::PowerRequested { at: clock.now(), on });
+            }
+            Some(r) = jrx.recv() => {
+                let now = clock.now();
+                let (node, input) = match r {
+                    JobResult::Progress(n, s) => (n, Input::Progress(s)),
+                    JobResult::Failover(n, Ok(host)) => (n, Input::FailoverDone { host }),
+                    JobResult::Failover(n, Err(JobEnd::FencePending)) => (n, Input::FencePending),
+                    JobResult::Failover(n, Err(JobEnd::Stalled(reason))) => (n, Input::FailoverStalled { reason }),
+                    JobResult::Failback(n, Ok(())) => (n, Input::FailbackDone),
+                    JobResult::Failback(n, Err(reason)) => (n, Input::FailbackFailed { reason }),
+                    JobResult::Other(n, r) => {
+                        if let Err(e) = r { tracing::error!(node = %n, error = %e, "job failed"); }
+                        continue;
+                    }
+                };
+                if let Some(x) = rack.nodes.get_mut(&node) {
+                    pending.extend(x.step(input, now, &policy, &deadlines));
+                }
+            }
+            Some(c) = crx.recv() => {
+                let now = clock.now();
+                let act = |n: &str, i: Input, rack: &mut Rack| rack.nodes.get_mut(n).map(|x| x.step(i, now, &policy, &deadlines)).unwrap_or_default();
+                match c {
+                    Command::Pause => { rack.paused = true; append(&journal, &events, None, RecordKind::Operator, None, "automation paused by an operator".into(), serde_json::Value::Null); }
+                    Command::Resume => { rack.paused = false; append(&journal, &events, None, RecordKind::Operator, None, "automation resumed by an operator".into(), serde_json::Value::Null); }
+                    Command::Maintenance(n, on) => {
+                        append(&journal, &events, Some(&n), RecordKind::Operator, None, format!("{n}: maintenance {}", if on { "on" } else { "off" }), serde_json::Value::Null);
+                        pending.extend(act(&n, Input::Maintenance(on), &mut rack));
+                    }
+                    Command::Failover(n) => pending.extend(act(&n, Input::FailoverNow, &mut rack)),
+                    Command::Failback(n) => pending.extend(act(&n, Input::FailbackNow, &mut rack)),
+                    Command::AckOff { node, by, reason } => {
+                        let epoch = match rack.nodes.get(&node).map(|x| &x.phase) { Some(Phase::FencePending { epoch }) => Some(*epoch), _ => None };
+                        if let Err(e) = crate::fencing::ack_off(&journal, &node, &by, &reason, epoch) {
+                            tracing::error!(error = %e, "ack-off could not be logged");
+                        } else {
+                            pending.extend(act(&node, Input::AckOff, &mut rack));
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        // Every pass: verdicts to the log and the machines, the gate, the actions.
+        let now = clock.now();
+        for c in mon.evaluate(now) {
+            let d = &c.diagnosis;
+            shared.metrics.verdict(&c.node, d);
+            if d.kind != Kind::Suspect || d.candidate.is_some() {
+                append(
+                    &journal,
+                    &events,
+                    Some(&c.node),
+                    RecordKind::Verdict,
+                    None,
+                    format!(
+                        "{}: {} -> {}: {}",
+                        c.node,
+                        c.previous.name(),
+                        d.kind.name(),
+                        d.why
+                    ),
+                    json!({ "verdict": d.kind, "candidate": d.candidate, "why": { "evidence": d.evidence }, "held_ms": d.held_ms, "samples": d.samples }),
+                );
+            }
+        }
+        {
+            let mut health = env.host_health.lock().unwrap_or_else(|p| p.into_inner());
+            for h in &cfg.hosts {
+                let ok = mon.current(&h.name).is_none_or(|d| {
+                    matches!(
+                        d.kind,
+                        Kind::Healthy | Kind::Degraded | Kind::Suspect | Kind::BmcLost
+                    )
+                });
+                health.insert(h.name.clone(), ok);
+            }
+        }
+        for n in &cfg.nodes {
+            let Some(d) = mon.current(&n.name).cloned() else {
+                continue;
+            };
+            let phys = mon
+                .diagnoser(&n.name)
+                .and_then(|x| x.latest())
+                .map(|s| Physical {
+                    power: s.power,
+                    health: s.health,
+                });
+            if let Some(x) = rack.nodes.get_mut(&n.name) {
+                pending.extend(x.step(Input::Verdict(d, phys), now, &policy, &deadlines));
+                pending.extend(x.step(Input::Tick, now, &policy, &deadlines));
+            }
+        }
+        pending.extend(rack.grant(&policy, now));
+        for a in pending.drain(..) {
+            let env = env.clone();
+            let jtx = jtx.clone();
+            match a {
+                Action::StartFailover {
+                    node,
+                    epoch,
+                    fenced,
+                    why,
+                } => {
+                    tracing::warn!(node = %node, epoch, fenced, why = %why, "failover starts");
+                    jobs.spawn(async move {
+                        let n2 = node.clone();
+                        let ptx = jtx.clone();
+                        let progress = move |s: Step| {
+                            let _ = ptx.send(JobResult::Progress(n2.clone(), s));
+                        };
+                        let r = jobs::failover(&env, &node, epoch, fenced, &why, &progress).await;
+                        let _ = jtx.send(JobResult::Failover(node, r));
+                    });
+                }
+                Action::StartFailback { node, epoch } => {
+                    tracing::warn!(node = %node, epoch, "failback starts");
+                    jobs.spawn(async move {
+                        let r = jobs::failback(&env, &node, epoch).await;
+                        let _ = jtx.send(JobResult::Failback(node, r));
+                    });
+                }
+                Action::Refence { node, epoch } => {
+                    tracing::error!(node = %node, epoch, "the physical node is on while its twin runs: fencing it again");
+                    append(
+                        &journal,
+                        &events,
+                        Some(&node),
+                        RecordKind::Refusal,
+                        Some(epoch),
+                        format!(
+                            "{node} was powered on while its twin runs: it is fenced again (a node and its twin never run together)"
+                        ),
+                        serde_json::Value::Null,
+                    );
+                    jobs.spawn(async move {
+                        let bmc = env.bmcs.get(&node).cloned();
+                        let reflect = env
+                            .cfg
+                            .node(&node)
+                            .and_then(|n| env.profiles.get(&n.firmware_profile))
+                            .map(|p| p.timing.power_off_reflect)
+                            .unwrap_or(Duration::from_secs(10));
+                        let policy = env
+                            .cfg
+                            .node(&node)
+                            .map(|n| n.policy.clone())
+                            .unwrap_or_default();
+                        let plan = crate::fencing::plan_for(&node, bmc, &policy, reflect);
+                        let _ = env.power_requested.send((node.clone(), false));
+                        let r = crate::fencing::fence(
+                            &plan,
+                            &env.journal,
+                            Some(epoch),
+                            json!({ "verdict": "twin running" }),
+                        )
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string());
+                        let _ = jtx.send(JobResult::Other(node, r));
+                    });
+                }
+                Action::PowerCycle { node } => {
+                    append(
+                        &journal,
+                        &events,
+                        Some(&node),
+                        RecordKind::Operator,
+                        None,
+                        format!("software hang on {node}: power-cycling it in place (policy)"),
+                        serde_json::Value::Null,
+                    );
+                    jobs.spawn(async move {
+                        let r = match env.bmcs.get(&node) {
+                            Some(b) => b
+                                .power(crate::bmc::PowerAction::Cycle)
+                                .await
+                                .map(drop)
+                                .map_err(|e| e.to_string()),
+                            None => Err("no BMC".into()),
+                        };
+                        let _ = jtx.send(JobResult::Other(node, r));
+                    });
+                }
+                Action::Refuse { node, reason } => {
+                    tracing::warn!(node = %node, reason = %reason, "no action");
+                    append(
+                        &journal,
+                        &events,
+                        Some(&node),
+                        RecordKind::Refusal,
+                        None,
+                        reason,
+                        serde_json::Value::Null,
+                    );
+                }
+                Action::Overdue {
+                    node,
+                    phase,
+                    for_ms,
+                } => {
+                    tracing::error!(node = %node, phase = %phase, for_ms, "a job runs past its deadline");
+                    append(
+                        &journal,
+                        &events,
+                        Some(&node),
+                        RecordKind::Operator,
+                        None,
+                        format!("{node}: {phase} has run for {for_ms} ms, past its deadline"),
+                        serde_json::Value::Null,
+                    );
+                }
+            }
+        }
+        while let Some(r) = jobs.try_join_next() {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "a job panicked");
+            }
+        }
+        if !ready && first_full.len() >= src.bmcs.len().min(machines) {
+            ready = true;
+            let _not_systemd = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            tracing::info!("first full poll done: ready");
+        }
+        // The status the API serves.
+        let placed = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let health = env
+            .host_health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let status = Status {
+            nodes: cfg
+                .machines()
+                .map(|m| {
+                    let node = rack.nodes.get(m.name);
+                    NodeStatus {
+                        name: m.name.to_string(),
+                        host: m.is_host,
+                        state: node.map(Node::state_name).unwrap_or_else(|| {
+                            mon.current(m.name)
+                                .map(|d| d.kind.name())
+                                .unwrap_or_else(|| "suspect".into())
+                        }),
+                        phase: node.map(|x| x.phase.clone()).unwrap_or(Phase::Watching),
+                        diagnosis: mon.current(m.name).cloned(),
+                    }
+                })
+                .collect(),
+            hosts: cfg
+                .hosts
+                .iter()
+                .map(|h| HostStatus {
+                    name: h.name.clone(),
+                    role: h.role,
+                    capacity: h.capacity,
+                    twins: placed
+                        .iter()
+                        .filter(|p| p.host == h.name)
+                        .cloned()
+                        .collect(),
+                    healthy: health.get(&h.name).copied().unwrap_or(true)
+                        && env.hypervisors.contains_key(&h.name),
+                })
+                .collect(),
+            paused: rack.paused,
+            mode: format!("{:?}", policy.mode).to_lowercase(),
+            ready,
+            heartbeats_refused: src.counters.refused(),
+        };
+        shared.metrics.update(&status);
+        *shared.status.write().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+    // Stopping: record what was in flight; it resumes on the next start.
+    let inflight: Vec<String> = rack
+        .nodes
+        .values()
+        .filter(|n| matches!(n.phase, Phase::Failover { .. } | Phase::FailingBack { .. }))
+        .map(|n| format!("{} ({})", n.name, n.state_name()))
+        .collect();
+    append(
+        &journal,
+        &events,
+        None,
+        RecordKind::Operator,
+        None,
+        if inflight.is_empty() {
+            "vigil stops; nothing in flight".into()
+        } else {
+            format!(
+                "vigil stops with jobs in flight, parked for the next start: {}",
+                inflight.join(", ")
+            )
+        },
+        serde_json::Value::Null,
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    cancel.cancel();
+    jobs.abort_all();
+    while jobs.join_next().await.is_some() {}
+    while src.tasks.join_next().await.is_some() {}
+    let _ = api_task.await;
+    Ok(())
+}
