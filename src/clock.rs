@@ -63,6 +63,32 @@ pub fn rfc3339(secs: u64, ms: u32) -> String {
     )
 }
 
+/// Parses the RFC 3339 UTC form [`rfc3339`] writes back into Unix milliseconds.
+pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    let ms = if b.get(19) == Some(&b'.') {
+        n(20..23).unwrap_or(0)
+    } else {
+        0
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let t = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    u64::try_from(t * 1000 + ms).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +98,13 @@ mod tests {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
         assert_eq!(rfc3339(1_795_900_000, 123), "2026-11-28T21:06:40.123Z");
+        assert_eq!(
+            parse_rfc3339_ms("2026-11-28T21:06:40.123Z"),
+            Some(1_795_900_000_123)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2000-02-29T00:00:00.005Z"),
+            Some(951_782_400_005)
+        );
     }
 }

@@ -10,6 +10,7 @@
 mod agent;
 mod check_config;
 mod daemon;
+mod demo;
 mod failover_plan;
 mod fence;
 pub mod log;
@@ -78,6 +79,16 @@ pub enum Command {
         /// Stop after this long (default: until SIGINT/SIGTERM).
         #[arg(long = "for", value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
+    },
+    /// The demo: the lab's rack, the appliance, a hardware fault and a software hang failed
+    /// over to QEMU twins, and a summary.
+    Demo {
+        /// A built guest (vmlinux, initrd.gz); scripts/demo.sh builds one in target/guest.
+        #[arg(long, default_value = "target/guest")]
+        guest: PathBuf,
+        /// Where to keep the lab's files and the fencing log (default: a new folder in /tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Run the appliance: watch, diagnose, fence, fail over, fail back (under systemd).
     Run {
@@ -206,6 +217,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::CheckConfig { file, json, show } => check_config::run(&file, json, show),
         Command::Agent(args) => agent::run(args),
         Command::Run { config, duration } => daemon::run(&config, duration),
+        Command::Demo { guest, dir } => demo::run(&guest, dir),
         Command::Status { config, json } => daemon::status(&config, json),
         Command::Failover {
             config,

@@ -45,6 +45,8 @@ pub struct Options {
     pub stop_after: Option<Duration>,
     /// The QEMU binary (default `qemu-system-x86_64`).
     pub qemu: Option<PathBuf>,
+    /// Stops the appliance when cancelled (the demo, tests).
+    pub stop: Option<CancellationToken>,
 }
 
 /// What an operator (the API) asks of the supervisor.
@@ -418,11 +420,13 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let deadline = opts.stop_after.map(|d| tokio::time::Instant::now() + d);
+    let external_stop = opts.stop.clone().unwrap_or_default();
     tracing::info!(nodes = cfg.nodes.len(), hosts = cfg.hosts.len(), api = %cfg.appliance.api_listen, heartbeats = %cfg.appliance.heartbeat_listen, "vigil runs");
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            _ = external_stop.cancelled() => break,
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
             _ = hup.recv() => {
                 match config::load(path) {

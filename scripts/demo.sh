@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# vigil's main job on a fresh Debian 12 machine: install what the lab needs (QEMU from
+# bookworm-backports, busybox, the guest kernel's package), build vigil and the lab, build the
+# static agent and the tiny guest the twins boot, then run `vigil demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-qemu.sh
+echo "== building vigil and the lab" >&2
+cargo build -q --workspace --bins
+echo "== building the guest (static agent, kernel and initrd from Debian packages)" >&2
+RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --profile guest --target x86_64-unknown-linux-gnu --bin vigil
+hardware-lab/guest/build.sh target/guest target/x86_64-unknown-linux-gnu/guest/vigil
+exec target/debug/vigil demo --guest target/guest "$@"
