@@ -552,6 +552,15 @@ impl Diagnoser {
             evidence.push(ev("sel", e.message.clone()));
         }
 
+        if matches!(snap.power, PowerReading::Off | PowerReading::PoweringOff)
+            && self.requested_off.is_some()
+        {
+            return (
+                Kind::Suspect,
+                "powered off at vigil's own request".into(),
+                evidence,
+            );
+        }
         // A host that is off cannot be running its OS, whatever the last heartbeat says: a
         // power loss is not made to wait for the heartbeat timeout.
         let off_unasked = matches!(snap.power, PowerReading::Off | PowerReading::PoweringOff)

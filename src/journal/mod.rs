@@ -154,9 +154,12 @@ pub enum JournalError {
     },
 }
 
+/// Called with every record appended (the event stream, metrics).
+pub type Listener = Box<dyn Fn(&Record) + Send>;
+
 /// The open log.
-#[derive(Debug)]
 pub struct Journal {
+    listener: Option<Listener>,
     path: PathBuf,
     file: File,
     /// An exclusive lock on `<log>.lock` held while the journal is open: two writers would break
@@ -165,6 +168,15 @@ pub struct Journal {
     last_seq: u64,
     last_hash: String,
     records: Vec<Record>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("path", &self.path)
+            .field("records", &self.records.len())
+            .finish()
+    }
 }
 
 /// Wall-clock now as RFC 3339 UTC with milliseconds.
@@ -277,6 +289,7 @@ impl Journal {
             .last()
             .map_or((0, GENESIS.to_string()), |r| (r.seq, r.hash.clone()));
         Ok(Self {
+            listener: None,
             path,
             file,
             _lock: lock,
@@ -284,6 +297,11 @@ impl Journal {
             last_hash,
             records,
         })
+    }
+
+    /// Calls `f` with every record appended from now on.
+    pub fn set_listener(&mut self, f: Listener) {
+        self.listener = Some(f);
     }
 
     /// The file.
@@ -342,6 +360,9 @@ impl Journal {
         self.last_seq = r.seq;
         self.last_hash = r.hash.clone();
         self.records.push(r.clone());
+        if let Some(l) = &self.listener {
+            l(&r);
+        }
         Ok(r)
     }
 }

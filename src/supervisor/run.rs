@@ -342,6 +342,17 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         .unwrap_or_else(|p| p.into_inner())
         .last_epoch();
     let (events, _) = broadcast::channel(1024);
+    {
+        // Every record reaches the event stream (and the metrics) from the journal itself, job
+        // records included.
+        let tx = events.clone();
+        journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_listener(Box::new(move |r| {
+                let _listeners = tx.send(r.clone());
+            }));
+    }
     append(
         &journal,
         &events,

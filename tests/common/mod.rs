@@ -33,6 +33,11 @@ pub struct Lab {
 impl Lab {
     /// Starts `topology` (a file under hardware-lab/topologies, or a TOML text) and waits for it.
     pub fn start(topology_text: &str) -> Lab {
+        Lab::start_with(topology_text, &[])
+    }
+
+    /// Starts a topology with extra `vigil-lab up` arguments (such as `--guest DIR`).
+    pub fn start_with(topology_text: &str, extra: &[&str]) -> Lab {
         let dir = tempfile::tempdir().unwrap();
         let topo = dir.path().join("topology.toml");
         std::fs::write(&topo, topology_text).unwrap();
@@ -44,6 +49,7 @@ impl Lab {
             .arg(&topo)
             .arg("--state-dir")
             .arg(&state)
+            .args(extra)
             .env("VIGIL_BIN", assert_cmd::cargo::cargo_bin("vigil"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -39,6 +39,8 @@ use crate::model::{
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 /// Members of a Sensors collection read one by one at most (firmware that does not expand).
 const MAX_SENSOR_READS: usize = 32;
+/// How long to use Basic after the BMC's session table was found full.
+const SESSION_RETRY: Duration = Duration::from_secs(60);
 /// SEL entry ids remembered to tell new records from old (firmware with non-numeric ids).
 const MAX_REMEMBERED_LOG_IDS: usize = 4096;
 
@@ -57,6 +59,10 @@ struct Session {
     location: Option<String>,
     /// The BMC has no usable SessionService: Basic on every request.
     basic_only: bool,
+    /// The BMC's session table was full: Basic until then, then a session is tried again.
+    /// (Sessions leak when an appliance is killed without logging out; the BMC frees them only
+    /// after its own idle timeout, often half an hour. Redfish services accept Basic too.)
+    basic_until: Option<std::time::Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -271,16 +277,25 @@ impl RedfishBmc {
         let what = format!("{method} {path}");
         let mut s = self.session.lock().await;
         for attempt in 0..2 {
-            if !s.basic_only && s.token.is_none() {
-                self.login(&mut s).await?;
+            let fallback = s.basic_until.is_some_and(|t| std::time::Instant::now() < t);
+            if !s.basic_only && !fallback && s.token.is_none() {
+                match self.login(&mut s).await {
+                    Ok(()) => s.basic_until = None,
+                    Err(BmcError::SessionLimit { .. }) => {
+                        tracing::warn!(bmc = %self.endpoint, "the BMC has no free session: using Basic authentication for a minute");
+                        s.basic_until = Some(std::time::Instant::now() + SESSION_RETRY);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
+            let basic = s.basic_only || s.token.is_none();
             let url = if path.starts_with("http") {
                 path.to_string()
             } else {
                 format!("{}{path}", self.base)
             };
             let mut req = self.http.request(method.clone(), &url);
-            req = match (&s.token, s.basic_only) {
+            req = match (&s.token, basic) {
                 (Some(t), false) => req.header("X-Auth-Token", t),
                 _ => req.basic_auth(&self.username, Some(self.password.expose())),
             };
@@ -289,7 +304,7 @@ impl RedfishBmc {
             }
             let resp = req.send().await.map_err(|e| self.map_err(&what, e))?;
             let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED && !s.basic_only && attempt == 0 {
+            if status == StatusCode::UNAUTHORIZED && !basic && attempt == 0 {
                 // The session expired or the BMC rebooted: log in again, once.
                 s.token = None;
                 s.location = None;

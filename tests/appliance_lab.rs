@@ -1,0 +1,540 @@
+//! `vigil run` against the hardware lab with real QEMU twins: failover, the node powered on under
+//! its running twin, failback; kill -9 at random moments of failovers with the safety invariants
+//! checked after each; the API, its token and readiness; and no secret anywhere in what the
+//! appliance writes or answers.
+
+// An integration-test crate is a test module as a whole: its helpers may unwrap (a panic is a
+// failed test) and its #[test] functions need no inner `mod tests`.
+#![allow(clippy::tests_outside_test_module, clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Lab;
+use serde_json::{Value, json};
+
+/// The guest the twins boot: `target/guest`, built by scripts/test.sh.
+fn guest() -> PathBuf {
+    let g = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest");
+    assert!(
+        g.join("vmlinux").is_file() && g.join("initrd.gz").is_file(),
+        "no guest in {}: run scripts/test.sh (it builds one)",
+        g.display()
+    );
+    g
+}
+
+fn fast_rack(t: String) -> String {
+    t.replace(
+        "time_scale = 0.02",
+        "time_scale = 0.005\nwatchdog_timeout_ms = 2000",
+    )
+}
+
+/// The lab with twins enabled.
+fn lab() -> Lab {
+    let t = fast_rack(
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("hardware-lab/topologies/rack4.toml"),
+        )
+        .unwrap(),
+    );
+    Lab::start_with(&t, &["--guest", guest().to_str().unwrap()])
+}
+
+/// A running `vigil run`, its output captured to a file.
+struct Appliance {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Appliance {
+    fn start(lab: &Lab, tag: &str) -> Appliance {
+        let out = lab.dir.path().join(format!("vigil-{tag}.log"));
+        let f = std::fs::File::create(&out).unwrap();
+        let child = Command::new(assert_cmd::cargo::cargo_bin("vigil"))
+            .args(["run", "--config"])
+            .arg(lab.config_path())
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Appliance { child, out }
+    }
+
+    fn kill9(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// One HTTP request to the appliance's API.
+fn api(lab: &Lab, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let addr = lab.endpoints["api_listen"].as_str().unwrap();
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, Value::Null);
+    };
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut r = String::new();
+    let _ = s.read_to_string(&mut r);
+    let Some((head, body)) = r.split_once("\r\n\r\n") else {
+        return (0, Value::Null);
+    };
+    (
+        head.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+fn state(lab: &Lab, node: &str) -> String {
+    let (_, v) = api(lab, "GET", "/api/status", None);
+    v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"] == node)
+        .and_then(|n| n["state"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn wait_state(lab: &Lab, node: &str, want: &str, within: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let s = state(lab, node);
+        if s == want {
+            return;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{node} never became {want} within {within:?} (now {s:?})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn token(lab: &Lab) -> String {
+    std::fs::read_to_string(lab.state_dir().join("secrets/api-token"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Live QEMU twins of `node` started by this lab's appliance (found by their process name and
+/// their folder, so parallel tests do not count each other's).
+fn twins(lab: &Lab, node: &str) -> usize {
+    let mine = lab.state_dir().display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| {
+            c.starts_with("qemu-system")
+                && c.contains(&format!("-name vigil-{node}-e"))
+                && c.contains(&mine)
+        })
+        .count()
+}
+
+fn journal(lab: &Lab) -> Vec<vigil::journal::Record> {
+    vigil::journal::verify(&lab.state_dir().join("appliance/fencing.log")).unwrap()
+}
+
+/// Safety invariants over the fencing log: no twin started without a confirmed (or
+/// acknowledged) fence since the node's last power-on; never a power-on while a twin runs.
+fn check_log_invariants(records: &[vigil::journal::Record], node: &str) {
+    use vigil::journal::RecordKind as K;
+    let mut fenced = false;
+    let mut twin_running = false;
+    for r in records.iter().filter(|r| r.node.as_deref() == Some(node)) {
+        match r.kind {
+            K::FenceConfirmed | K::AckOff => fenced = true,
+            K::PowerOn => {
+                assert!(
+                    !twin_running,
+                    "#{}: {node} powered on while its twin runs",
+                    r.seq
+                );
+                fenced = false;
+            }
+            K::VmStart => {
+                assert!(
+                    fenced,
+                    "#{}: a twin of {node} started without a confirmed fence",
+                    r.seq
+                );
+                twin_running = true;
+            }
+            K::VmStopped | K::FailoverFailed => twin_running = false,
+            _ => {}
+        }
+    }
+}
+
+/// Stops every twin this test's lab started (by the pid files of its VM folders).
+fn stop_twins(lab: &Lab) {
+    let vms = lab.state_dir().join("appliance/vms");
+    for host in std::fs::read_dir(&vms)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+    {
+        for vm in std::fs::read_dir(host.path())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            if let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+}
+
+struct Cleanup<'a>(&'a Lab);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        stop_twins(self.0);
+    }
+}
+
+#[test]
+fn a_hardware_fault_fails_over_and_back_and_the_node_never_runs_beside_its_twin() {
+    let lab = lab();
+    let _cleanup = Cleanup(&lab);
+    let mut app = Appliance::start(&lab, "a");
+    wait_state(&lab, "db1", "healthy", Duration::from_secs(20));
+    // Actions need the token.
+    assert_eq!(api(&lab, "POST", "/api/pause", None).0, 401);
+    assert_eq!(api(&lab, "POST", "/api/pause", Some("wrong")).0, 401);
+
+    lab.inject("db1", json!({"kind": "power-loss"}));
+    wait_state(&lab, "db1", "running-virtual", Duration::from_secs(40));
+    assert_eq!(twins(&lab, "db1"), 1);
+    // The technician repairs db1 and powers it on: with its twin running, vigil fences it again.
+    lab.repair("db1");
+    let t0 = Instant::now();
+    loop {
+        let s = lab.server("db1");
+        if s["power_state"] == "Off" && t0.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "db1 runs beside its twin: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(twins(&lab, "db1"), 1);
+    // Failback: the twin stops first, then db1 comes back.
+    let (code, _) = api(&lab, "POST", "/api/nodes/db1/failback", Some(&token(&lab)));
+    assert_eq!(code, 202);
+    wait_state(&lab, "db1", "healthy", Duration::from_secs(60));
+    assert_eq!(twins(&lab, "db1"), 0);
+    let recs = journal(&lab);
+    check_log_invariants(&recs, "db1");
+    let kinds: Vec<_> = recs
+        .iter()
+        .filter(|r| r.node.as_deref() == Some("db1"))
+        .map(|r| r.kind)
+        .collect();
+    use vigil::journal::RecordKind as K;
+    let pos = |k: K| {
+        kinds
+            .iter()
+            .position(|x| *x == k)
+            .unwrap_or_else(|| panic!("no {k:?} in {kinds:?}"))
+    };
+    assert!(pos(K::FenceConfirmed) < pos(K::VmStart));
+    assert!(pos(K::VmStart) < pos(K::VmHeartbeat));
+    assert!(
+        pos(K::FailbackBegin) < pos(K::VmStopped)
+            && pos(K::VmStopped) < pos(K::PowerOn)
+            && pos(K::PowerOn) < pos(K::FailbackDone)
+    );
+    // The metrics saw it.
+    let m = {
+        use std::io::{Read, Write};
+        let addr = lab.endpoints["api_listen"].as_str().unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    };
+    assert!(m.contains("vigil_recovery_seconds_count 1"), "{m}");
+    assert!(
+        m.contains("vigil_node_state{node=\"db1\",state=\"healthy\"} 1"),
+        "{m}"
+    );
+    app.stop();
+    secrets_never_leak(&lab, &[app.out.clone()]);
+}
+
+/// Every log, fencing-log record and API answer is searched for the lab's passwords and keys.
+fn secrets_never_leak(lab: &Lab, logs: &[PathBuf]) {
+    let mut texts: Vec<(String, String)> = logs
+        .iter()
+        .map(|p| {
+            (
+                p.display().to_string(),
+                std::fs::read_to_string(p).unwrap_or_default(),
+            )
+        })
+        .collect();
+    texts.push((
+        "fencing log".into(),
+        std::fs::read_to_string(lab.state_dir().join("appliance/fencing.log")).unwrap(),
+    ));
+    texts.push((
+        "lab log".into(),
+        std::fs::read_to_string(lab.dir.path().join("lab.log")).unwrap_or_default(),
+    ));
+    for agent in std::fs::read_dir(lab.state_dir().join("logs"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+    {
+        texts.push((
+            agent.path().display().to_string(),
+            std::fs::read_to_string(agent.path()).unwrap_or_default(),
+        ));
+    }
+    for vm in std::fs::read_dir(lab.state_dir().join("appliance/vms"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+    {
+        for v in std::fs::read_dir(vm.path())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            for f in ["serial.log", "qemu.log", "spec.json"] {
+                texts.push((
+                    v.path().join(f).display().to_string(),
+                    std::fs::read_to_string(v.path().join(f)).unwrap_or_default(),
+                ));
+            }
+        }
+    }
+    for secret in lab.secrets() {
+        assert!(secret.len() >= 16);
+        for (name, text) in &texts {
+            assert!(!text.contains(&secret), "a secret leaked into {name}");
+        }
+    }
+}
+
+#[test]
+fn kill_dash_nine_at_random_moments_of_failovers_converges_safely() {
+    let lab = lab();
+    let _cleanup = Cleanup(&lab);
+    let token = token(&lab);
+    let mut logs = Vec::new();
+    let nodes = ["db1", "web1", "web2", "batch1"];
+    let rounds = 20;
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut app = Appliance::start(&lab, "k0");
+    logs.push(app.out.clone());
+    for n in nodes {
+        wait_state(&lab, n, "healthy", Duration::from_secs(30));
+    }
+    for round in 0..rounds {
+        let node = nodes[round % nodes.len()];
+        lab.inject(node, json!({"kind": "power-loss"}));
+        // Kill -9 somewhere in detection, fencing, placement or the twin's boot.
+        let delay = Duration::from_millis(rand(5000));
+        let t0 = Instant::now();
+        while t0.elapsed() < delay {
+            assert!(twins(&lab, node) <= 1, "round {round}: two twins of {node}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        app.kill9();
+        app = Appliance::start(&lab, &format!("k{}", round + 1));
+        logs.push(app.out.clone());
+        let t0 = Instant::now();
+        loop {
+            assert!(twins(&lab, node) <= 1, "round {round}: two twins of {node}");
+            if state(&lab, node) == "running-virtual" {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "round {round}: {node}'s failover did not complete after the restart (state {:?})",
+                state(&lab, node)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(twins(&lab, node), 1, "round {round}");
+        check_log_invariants(&journal(&lab), node);
+        // Bring it back for the next round: repair (the technician powers it on; vigil fences
+        // it again, its twin running), then fail back.
+        lab.repair(node);
+        let (code, _) = api(
+            &lab,
+            "POST",
+            &format!("/api/nodes/{node}/failback"),
+            Some(&token),
+        );
+        assert_eq!(code, 202);
+        wait_state(&lab, node, "healthy", Duration::from_secs(90));
+        assert_eq!(twins(&lab, node), 0, "round {round}");
+    }
+    app.stop();
+    let recs = journal(&lab);
+    for n in nodes {
+        check_log_invariants(&recs, n);
+    }
+    // Every failover got its own epoch, and each epoch had exactly one twin start... except the
+    // restarts that found their twin already running and adopted it.
+    let starts: Vec<(String, u64)> = recs
+        .iter()
+        .filter(|r| r.kind == vigil::journal::RecordKind::VmStart)
+        .map(|r| (r.node.clone().unwrap(), r.epoch.unwrap()))
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &starts {
+        assert!(
+            seen.insert(s.clone()),
+            "epoch {} of {} started twice: {starts:?}",
+            s.1,
+            s.0
+        );
+    }
+    secrets_never_leak(&lab, &logs);
+}
+
+#[test]
+fn readiness_and_the_watchdog_reach_systemd() {
+    use std::os::unix::net::UnixDatagram;
+    let lab = Lab::rack4(|t| t);
+    let sock_path = lab.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("vigil"))
+        .args(["run", "--config"])
+        .arg(lab.config_path())
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(20)
+        && !(got.iter().any(|m: &String| m.contains("READY=1"))
+            && got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().unwrap();
+    assert!(got.iter().any(|m| m.contains("READY=1")), "{got:?}");
+    assert!(
+        got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2,
+        "{got:?}"
+    );
+    assert!(status.success(), "SIGTERM stops it cleanly");
+    let recs = journal(&lab);
+    assert!(
+        recs.last().unwrap().message.contains("vigil stops"),
+        "{:?}",
+        recs.last()
+    );
+}
+
+#[test]
+fn sighup_keeps_the_old_configuration_when_the_new_one_is_invalid() {
+    let lab = Lab::rack4(|t| t);
+    let mut app = Appliance::start(&lab, "hup");
+    wait_state(&lab, "db1", "healthy", Duration::from_secs(20));
+    let cfg = lab.config_path();
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        good.replace("heartbeat_misses = 3", "heartbeat_mises = 3"),
+    )
+    .unwrap();
+    let _ = Command::new("kill")
+        .arg("-HUP")
+        .arg(app.child.id().to_string())
+        .status();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        state(&lab, "db1"),
+        "healthy",
+        "still running on the old configuration"
+    );
+    std::fs::write(&cfg, &good).unwrap();
+    let _ = Command::new("kill")
+        .arg("-HUP")
+        .arg(app.child.id().to_string())
+        .status();
+    std::thread::sleep(Duration::from_secs(1));
+    app.stop();
+    let recs = journal(&lab);
+    assert!(
+        recs.iter()
+            .any(|r| r.message.contains("new configuration refused")
+                && r.detail["problems"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("heartbeat_mises")),
+        "{recs:?}"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r.message.contains("configuration reloaded"))
+    );
+}
