@@ -2,10 +2,13 @@
 # Installs what vigil's tests need on a Debian 12 machine, idempotently: a second run with
 # everything present changes nothing and takes about a second. Run as root (or with sudo).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 # Debian packages the test suite starts or calls.
-#   systemd: systemd-analyze, to verify the units in systemd/ and rate their sandbox.
-DEBIAN_PACKAGES=(systemd)
+#   systemd:          systemd-analyze, to verify the units in systemd/ and rate their sandbox.
+#   chromium, chromium-driver: the operator page is tested in a real headless browser.
+#   fence-agents:     fence_redfish, the peer the fence benchmark compares against.
+DEBIAN_PACKAGES=(systemd chromium fence-agents)
 
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do
@@ -15,10 +18,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "install-test-deps: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The Rust components the checks use.
+# QEMU (from bookworm-backports), busybox and friends, for the virtual nodes.
+scripts/install-qemu.sh
+
+# The Rust components the checks use, and the target the guest's static agent is built for.
 for c in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
 done

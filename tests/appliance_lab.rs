@@ -538,3 +538,69 @@ fn sighup_keeps_the_old_configuration_when_the_new_one_is_invalid() {
             .any(|r| r.message.contains("configuration reloaded"))
     );
 }
+
+/// The operator page in a real headless Chromium: the rack at a glance and the failover's
+/// timeline, drawn.
+#[test]
+fn the_operator_page_shows_the_rack_and_draws_the_failover() {
+    let lab = lab();
+    let _cleanup = Cleanup(&lab);
+    let mut app = Appliance::start(&lab, "page");
+    wait_state(&lab, "db1", "healthy", Duration::from_secs(20));
+    lab.inject("db1", json!({"kind": "thermal-trip"}));
+    wait_state(&lab, "db1", "running-virtual", Duration::from_secs(40));
+    let url = format!("http://{}/", lab.endpoints["api_listen"].as_str().unwrap());
+    let profile = tempfile::tempdir().unwrap();
+    let shot = lab.dir.path().join("page.png");
+    let chrome = |extra: &[&str]| {
+        // Virtual time lets the page's fetches and timers run before the DOM is dumped; `timeout`
+        // bounds Chromium from outside in any case.
+        Command::new("timeout")
+            .args([
+                "60",
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--virtual-time-budget=6000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("chromium is installed by scripts/install-test-deps.sh")
+    };
+    let out = chrome(&["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains("data-node=\"db1\""), "{dom}");
+    let card = dom.split("data-node=\"db1\"").nth(1).unwrap_or("");
+    assert!(
+        card.contains("running-virtual") && card.contains("twin on <b>failover1</b>"),
+        "{card}"
+    );
+    assert!(dom.contains("data-host=\"failover1\""), "{dom}");
+    // The timeline is drawn: an SVG with the fence and the twin's heartbeat marked on it.
+    let tl = dom
+        .split("class=\"timeline\" data-node=\"db1\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no timeline for db1: {dom}"));
+    assert!(
+        tl.contains("<svg") && tl.contains("fenced") && tl.contains("twin heartbeat"),
+        "{tl}"
+    );
+    let out = chrome(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=1200,900",
+    ]);
+    assert!(
+        shot.is_file() && std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    app.stop();
+}
