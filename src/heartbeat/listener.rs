@@ -25,6 +25,9 @@ use crate::clock::Clock;
 use crate::config::Secret;
 use crate::model::Millis;
 
+/// The listener's socket receive buffer.
+pub const RECV_BUFFER_BYTES: usize = 8 << 20;
+
 /// Refusals and acceptances, by reason (for metrics and tests).
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -87,14 +90,24 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds `addr` for `peers`; accepted heartbeats go to `tx`.
-    pub async fn bind(
+    /// Binds `addr` for `peers`; accepted heartbeats go to `tx`. Call it within a tokio runtime.
+    pub fn bind(
         addr: SocketAddr,
         peers: HashMap<String, Peer>,
         clock: Clock,
         tx: mpsc::Sender<Received>,
     ) -> std::io::Result<Self> {
-        let sock = UdpSocket::bind(addr).await?;
+        let std_sock = std::net::UdpSocket::bind(addr)?;
+        std_sock.set_nonblocking(true)?;
+        // A deep receive buffer absorbs a burst of garbage while the loop drains it, so real
+        // heartbeats are not dropped by the kernel behind it. RcvBufForce passes the system's
+        // rmem_max when the appliance may (it runs with CAP_NET_ADMIN as root); otherwise the
+        // ordinary option gives what the system allows.
+        use nix::sys::socket::{setsockopt, sockopt};
+        if setsockopt(&std_sock, sockopt::RcvBufForce, &RECV_BUFFER_BYTES).is_err() {
+            let _best_effort = setsockopt(&std_sock, sockopt::RcvBuf, &RECV_BUFFER_BYTES);
+        }
+        let sock = UdpSocket::from_std(std_sock)?;
         Ok(Self {
             sock,
             peers,

@@ -214,8 +214,8 @@ pub enum SourcesError {
     Bmc(#[from] bmc::SetupError),
 }
 
-/// Starts the heartbeat listener and a poller per machine.
-pub async fn start_sources(
+/// Starts the heartbeat listener and a poller per machine, as tasks of the current runtime.
+pub fn start_sources(
     cfg: &Config,
     profiles: &ProfileSet,
     clock: Clock,
@@ -240,7 +240,6 @@ pub async fn start_sources(
     let (htx, mut hrx) = mpsc::channel(4096);
     let addr = cfg.appliance.heartbeat_listen;
     let listener = Listener::bind(addr, peers, clock, htx)
-        .await
         .map_err(|source| SourcesError::Bind { addr, source })?;
     let counters = listener.counters.clone();
     tasks.spawn(listener.run(cancel.child_token()));

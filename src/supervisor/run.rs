@@ -374,7 +374,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         json!({ "recovered": notes }),
     );
 
-    let mut src = monitor::start_sources(&cfg, &profiles, clock, &cancel).await?;
+    let mut src = monitor::start_sources(&cfg, &profiles, clock, &cancel)?;
     let mut mon = Monitor::new(&cfg, &src.hurry, clock.now());
     let mut rack = Rack::new(nodes, last_epoch);
     let mut policy = cfg.policy.clone();

@@ -22,7 +22,10 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
-#[command(name = "vigil-bench", about = "vigil's benchmarks against the hardware lab")]
+#[command(
+    name = "vigil-bench",
+    about = "vigil's benchmarks against the hardware lab"
+)]
 struct Cli {
     #[command(subcommand)]
     what: What,
@@ -56,7 +59,10 @@ enum What {
 fn bin(name: &str) -> anyhow::Result<PathBuf> {
     let p = std::env::current_exe()?.with_file_name(name);
     if !p.is_file() {
-        bail!("{} is missing: build the workspace (cargo build --release --workspace)", p.display());
+        bail!(
+            "{} is missing: build the workspace (cargo build --release --workspace)",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -101,7 +107,11 @@ impl Lab {
         }
         std::thread::sleep(Duration::from_millis(200));
         let endpoints = serde_json::from_str(&std::fs::read_to_string(&ep)?)?;
-        Ok(Lab { child, dir, endpoints })
+        Ok(Lab {
+            child,
+            dir,
+            endpoints,
+        })
     }
 
     fn config(&self) -> PathBuf {
@@ -109,9 +119,19 @@ impl Lab {
     }
 
     fn control(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let url = self.endpoints["control_url"].as_str().context("no control url")?.to_string();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (code, text) = rt.block_on(vigil_lab::control::request(&url, method, path, body.as_ref()))?;
+        let url = self.endpoints["control_url"]
+            .as_str()
+            .context("no control url")?
+            .to_string();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (code, text) = rt.block_on(vigil_lab::control::request(
+            &url,
+            method,
+            path,
+            body.as_ref(),
+        ))?;
         if code != 200 {
             bail!("{method} {path}: {code} {text}");
         }
@@ -121,12 +141,23 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
         // Twins this benchmark's appliance started.
         let vms = self.dir.path().join("lab/appliance/vms");
-        for host in std::fs::read_dir(vms).into_iter().flatten().filter_map(Result::ok) {
-            for vm in std::fs::read_dir(host.path()).into_iter().flatten().filter_map(Result::ok) {
+        for host in std::fs::read_dir(vms)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            for vm in std::fs::read_dir(host.path())
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+            {
                 if let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) {
                     let _ = Command::new("kill").arg(pid.trim()).status();
                 }
@@ -137,7 +168,10 @@ impl Drop for Lab {
 
 fn rack4() -> anyhow::Result<String> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/rack4.toml");
-    Ok(std::fs::read_to_string(p)?.replace("time_scale = 0.02", "time_scale = 0.005\nwatchdog_timeout_ms = 2000"))
+    Ok(std::fs::read_to_string(p)?.replace(
+        "time_scale = 0.02",
+        "time_scale = 0.005\nwatchdog_timeout_ms = 2000",
+    ))
 }
 
 fn poll(runs: usize) -> anyhow::Result<()> {
@@ -146,7 +180,10 @@ fn poll(runs: usize) -> anyhow::Result<()> {
     let (cfg, profiles, _) = vigil::config::load(&lab.config())?;
     let rt = tokio::runtime::Runtime::new()?;
     println!("status poll of one BMC (Redfish over HTTPS, session reused), {runs} polls each:");
-    println!("{:<10} {:<13} {:>10} {:>10} {:>10} {:>10}", "machine", "firmware", "fast p50", "fast p99", "full p50", "full p99");
+    println!(
+        "{:<10} {:<13} {:>10} {:>10} {:>10} {:>10}",
+        "machine", "firmware", "fast p50", "fast p99", "full p50", "full p99"
+    );
     for m in cfg.machines() {
         let b = vigil::bmc::redfish_for(&m, &profiles)?;
         let (fast, full) = rt.block_on(async {
@@ -212,62 +249,148 @@ fn verdict_name(v: &Value) -> String {
     }
 }
 
-fn wait_for(rx: &std::sync::mpsc::Receiver<(Instant, Value)>, node: &str, want: &str, within: Duration) -> Option<Instant> {
-    let t0 = Instant::now();
-    while let Some(left) = within.checked_sub(t0.elapsed()) {
-        match rx.recv_timeout(left) {
-            Ok((at, v)) if v["node"] == node && verdict_name(&v) == want => return Some(at),
-            Ok(_) => {}
-            Err(_) => return None,
+/// Verdicts as they come, with the latest per node kept.
+struct Verdicts {
+    rx: std::sync::mpsc::Receiver<(Instant, Value)>,
+    latest: BTreeMap<String, (Instant, String)>,
+}
+
+impl Verdicts {
+    fn take(&mut self, at: Instant, v: &Value) {
+        if let Some(n) = v["node"].as_str() {
+            self.latest.insert(n.to_string(), (at, verdict_name(v)));
         }
     }
-    None
+
+    fn drain(&mut self) {
+        while let Ok((at, v)) = self.rx.try_recv() {
+            self.take(at, &v);
+        }
+    }
+
+    /// Waits until `node`'s verdict is `want`; returns when it became so.
+    fn wait(&mut self, node: &str, want: &str, within: Duration) -> Option<Instant> {
+        let t0 = Instant::now();
+        self.drain();
+        loop {
+            if let Some((at, v)) = self.latest.get(node)
+                && v == want
+            {
+                return Some(*at);
+            }
+            let left = within.checked_sub(t0.elapsed())?;
+            if let Ok((at, v)) = self.rx.recv_timeout(left) {
+                self.take(at, &v);
+            }
+        }
+    }
 }
 
 fn detect(runs: usize) -> anyhow::Result<()> {
     let lab = Lab::start(&rack4()?, &[])?;
     let (mut child, rx) = watch(&lab.config())?;
+    let mut rx = Verdicts {
+        rx,
+        latest: BTreeMap::new(),
+    };
     let nodes = ["db1", "web1", "web2", "batch1"];
     for n in nodes {
-        wait_for(&rx, n, "healthy", Duration::from_secs(20)).context("the rack never became healthy")?;
+        rx.wait(n, "healthy", Duration::from_secs(20))
+            .context("the rack never became healthy")?;
     }
     let kinds: &[(&str, Value, &str)] = &[
-        ("power-loss", json!({"kind": "power-loss"}), "hardware-fault:power"),
+        (
+            "power-loss",
+            json!({"kind": "power-loss"}),
+            "hardware-fault:power",
+        ),
         ("os-hang", json!({"kind": "os-hang"}), "software-hang"),
-        ("thermal-trip", json!({"kind": "thermal-trip"}), "hardware-fault:thermal"),
-        ("vr-fault", json!({"kind": "vr-fault"}), "hardware-fault:voltage-regulator"),
-        ("psu-failure --all", json!({"kind": "psu-failure", "all": true}), "hardware-fault:psu"),
-        ("cpu-ierr", json!({"kind": "cpu-ierr"}), "hardware-fault:cpu"),
-        ("memory-uncorrectable", json!({"kind": "memory-uncorrectable"}), "hardware-fault:memory"),
-        ("kernel-panic", json!({"kind": "kernel-panic"}), "software-hang"),
+        (
+            "thermal-trip",
+            json!({"kind": "thermal-trip"}),
+            "hardware-fault:thermal",
+        ),
+        (
+            "vr-fault",
+            json!({"kind": "vr-fault"}),
+            "hardware-fault:voltage-regulator",
+        ),
+        (
+            "psu-failure --all",
+            json!({"kind": "psu-failure", "all": true}),
+            "hardware-fault:psu",
+        ),
+        (
+            "cpu-ierr",
+            json!({"kind": "cpu-ierr"}),
+            "hardware-fault:cpu",
+        ),
+        (
+            "memory-uncorrectable",
+            json!({"kind": "memory-uncorrectable"}),
+            "hardware-fault:memory",
+        ),
+        (
+            "kernel-panic",
+            json!({"kind": "kernel-panic"}),
+            "software-hang",
+        ),
         ("post-hang", json!({"kind": "post-hang"}), "post-failure"),
-        ("network-isolation", json!({"kind": "network-isolation"}), "isolated"),
+        (
+            "network-isolation",
+            json!({"kind": "network-isolation"}),
+            "isolated",
+        ),
     ];
-    println!("fault to verdict (vigil watch on the lab: BMC poll 1 s, heartbeats 1 s, 3 misses, evidence 3 samples over 500 ms, OS watchdog 2 s):");
-    println!("{:<22} {:>5} {:>9} {:>9} {:>9}", "fault", "runs", "p50", "p99", "max");
+    println!(
+        "fault to verdict (vigil watch on the lab: BMC poll 1 s, heartbeats 1 s, 3 misses, evidence 3 samples over 500 ms, OS watchdog 2 s):"
+    );
+    println!(
+        "{:<22} {:>5} {:>9} {:>9} {:>9}",
+        "fault", "runs", "p50", "p99", "max"
+    );
     let mut i = 0usize;
     for (name, fault, verdict) in kinds {
-        let n = if *name == "power-loss" || *name == "os-hang" { runs } else { (runs / 4).max(3) };
+        let n = if *name == "power-loss" || *name == "os-hang" {
+            runs
+        } else {
+            (runs / 4).max(3)
+        };
         let mut lat = Vec::new();
         for _ in 0..n {
             let node = nodes[i % nodes.len()];
             i += 1;
             // A random moment within the poll interval, as faults come.
             std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 1000));
-            while rx.try_recv().is_ok() {}
+            rx.drain();
             let t0 = Instant::now();
-            lab.control("POST", &format!("/servers/{node}/inject"), Some(fault.clone()))?;
-            match wait_for(&rx, node, verdict, Duration::from_secs(30)) {
+            lab.control(
+                "POST",
+                &format!("/servers/{node}/inject"),
+                Some(fault.clone()),
+            )?;
+            match rx.wait(node, verdict, Duration::from_secs(30)) {
                 Some(at) => lat.push(at.duration_since(t0).as_secs_f64()),
                 None => eprintln!("{name} on {node}: no {verdict} within 30 s"),
             }
             lab.control("POST", &format!("/servers/{node}/repair"), None)?;
-            wait_for(&rx, node, "healthy", Duration::from_secs(30)).with_context(|| format!("{node} did not recover after {name}"))?;
+            rx.wait(node, "healthy", Duration::from_secs(30))
+                .with_context(|| format!("{node} did not recover after {name}"))?;
         }
         let max = lat.iter().copied().fold(f64::NAN, f64::max);
-        println!("{:<22} {:>5} {:>8.2}s {:>8.2}s {:>8.2}s", name, lat.len(), pct(&mut lat.clone(), 0.5), pct(&mut lat, 0.99), max);
+        println!(
+            "{:<22} {:>5} {:>8.2}s {:>8.2}s {:>8.2}s",
+            name,
+            lat.len(),
+            pct(&mut lat.clone(), 0.5),
+            pct(&mut lat, 0.99),
+            max
+        );
     }
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     let _ = child.wait();
     Ok(())
 }
@@ -275,8 +398,13 @@ fn detect(runs: usize) -> anyhow::Result<()> {
 fn api(addr: &str, method: &str, path: &str, token: Option<&str>) -> anyhow::Result<Value> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
     let mut r = String::new();
     s.read_to_string(&mut r)?;
     let body = r.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
@@ -286,7 +414,11 @@ fn api(addr: &str, method: &str, path: &str, token: Option<&str>) -> anyhow::Res
 fn node_state(addr: &str, node: &str) -> String {
     api(addr, "GET", "/api/status", None)
         .ok()
-        .and_then(|v| v["nodes"].as_array()?.iter().find(|n| n["name"] == node)?["state"].as_str().map(String::from))
+        .and_then(|v| {
+            v["nodes"].as_array()?.iter().find(|n| n["name"] == node)?["state"]
+                .as_str()
+                .map(String::from)
+        })
         .unwrap_or_default()
 }
 
@@ -305,9 +437,19 @@ fn recovery(guest: &Path, runs: usize) -> anyhow::Result<()> {
     let guest = guest.canonicalize().context("no guest")?;
     let lab = Lab::start(&rack4()?, &["--guest", &guest.display().to_string()])?;
     let log = std::fs::File::create(lab.dir.path().join("vigil.log"))?;
-    let mut app = Command::new(bin("vigil")?).args(["run", "--config"]).arg(lab.config()).stdout(log.try_clone()?).stderr(log).spawn()?;
-    let addr = lab.endpoints["api_listen"].as_str().context("no api")?.to_string();
-    let token = std::fs::read_to_string(lab.dir.path().join("lab/secrets/api-token"))?.trim().to_string();
+    let mut app = Command::new(bin("vigil")?)
+        .args(["run", "--config"])
+        .arg(lab.config())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let addr = lab.endpoints["api_listen"]
+        .as_str()
+        .context("no api")?
+        .to_string();
+    let token = std::fs::read_to_string(lab.dir.path().join("lab/secrets/api-token"))?
+        .trim()
+        .to_string();
     let nodes = ["db1", "web1", "web2", "batch1"];
     for n in nodes {
         if !wait_state(&addr, n, "healthy", Duration::from_secs(30)) {
@@ -317,13 +459,22 @@ fn recovery(guest: &Path, runs: usize) -> anyhow::Result<()> {
     let journal = lab.dir.path().join("lab/appliance/fencing.log");
     let mut table: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
     let mut i = 0usize;
-    for (kind, fault) in [("hardware fault (power loss)", "power-loss"), ("software hang (OS hang)", "os-hang")] {
+    for (kind, fault) in [
+        ("hardware fault (power loss)", "power-loss"),
+        ("software hang (OS hang)", "os-hang"),
+    ] {
         for _ in 0..runs {
             let node = nodes[i % nodes.len()];
             i += 1;
             std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 1000));
-            let injected = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
-            lab.control("POST", &format!("/servers/{node}/inject"), Some(json!({ "kind": fault })))?;
+            let injected = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as u64;
+            lab.control(
+                "POST",
+                &format!("/servers/{node}/inject"),
+                Some(json!({ "kind": fault })),
+            )?;
             if !wait_state(&addr, node, "running-virtual", Duration::from_secs(60)) {
                 eprintln!("{node}: failover did not complete");
                 continue;
@@ -336,30 +487,65 @@ fn recovery(guest: &Path, runs: usize) -> anyhow::Result<()> {
                     .and_then(|r| vigil::clock::parse_rfc3339_ms(&r.time))
             };
             use vigil::journal::RecordKind as K;
-            if let (Some(b), Some(f), Some(h)) = (t(K::FailoverBegin), t(K::FenceConfirmed), t(K::VmHeartbeat)) {
+            if let (Some(b), Some(f), Some(h)) =
+                (t(K::FailoverBegin), t(K::FenceConfirmed), t(K::VmHeartbeat))
+            {
                 let e = table.entry(kind).or_default();
-                e.entry("detect").or_default().push(b.saturating_sub(injected) as f64 / 1000.0);
-                e.entry("fence").or_default().push(f.saturating_sub(b) as f64 / 1000.0);
-                e.entry("boot").or_default().push(h.saturating_sub(f) as f64 / 1000.0);
-                e.entry("total").or_default().push(h.saturating_sub(injected) as f64 / 1000.0);
+                e.entry("detect")
+                    .or_default()
+                    .push(b.saturating_sub(injected) as f64 / 1000.0);
+                e.entry("fence")
+                    .or_default()
+                    .push(f.saturating_sub(b) as f64 / 1000.0);
+                e.entry("boot")
+                    .or_default()
+                    .push(h.saturating_sub(f) as f64 / 1000.0);
+                e.entry("total")
+                    .or_default()
+                    .push(h.saturating_sub(injected) as f64 / 1000.0);
             }
             // Back for the next run: repair (vigil fences the node again, its twin running), fail back.
             lab.control("POST", &format!("/servers/{node}/repair"), None)?;
-            let _ = api(&addr, "POST", &format!("/api/nodes/{node}/failback"), Some(&token));
+            let _ = api(
+                &addr,
+                "POST",
+                &format!("/api/nodes/{node}/failback"),
+                Some(&token),
+            );
             if !wait_state(&addr, node, "healthy", Duration::from_secs(90)) {
                 bail!("{node} did not fail back");
             }
         }
     }
-    let _ = Command::new("kill").arg("-TERM").arg(app.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(app.id().to_string())
+        .status();
     let _ = app.wait();
-    println!("fault to the twin's first heartbeat (vigil run on the lab, QEMU {} twins; {runs} failovers each):", if Path::new("/dev/kvm").exists() { "TCG/KVM" } else { "TCG" });
-    println!("{:<28} {:>7} {:>15} {:>15} {:>15} {:>15}", "fault", "runs", "detect p50/p99", "fence p50/p99", "boot p50/p99", "total p50/p99");
+    println!(
+        "fault to the twin's first heartbeat (vigil run on the lab, QEMU {} twins; {runs} failovers each):",
+        if Path::new("/dev/kvm").exists() {
+            "TCG/KVM"
+        } else {
+            "TCG"
+        }
+    );
+    println!(
+        "{:<28} {:>7} {:>15} {:>15} {:>15} {:>15}",
+        "fault", "runs", "detect p50/p99", "fence p50/p99", "boot p50/p99", "total p50/p99"
+    );
     for (kind, phases) in &mut table {
         let mut cell = |k: &str| {
             let v = phases.get_mut(k).map(std::mem::take).unwrap_or_default();
             let mut v2 = v.clone();
-            (v.len(), format!("{:.2}/{:.2}s", pct(&mut v2.clone(), 0.5), pct(&mut v2, 0.99)))
+            (
+                v.len(),
+                format!(
+                    "{:.2}/{:.2}s",
+                    pct(&mut v2.clone(), 0.5),
+                    pct(&mut v2, 0.99)
+                ),
+            )
         };
         let (n, d) = cell("detect");
         let (_, f) = cell("fence");
