@@ -571,27 +571,9 @@ fn redfish_sensor_type(ipmi: &str) -> &'static str {
     }
 }
 
-/// Formats Unix seconds as RFC 3339 UTC (no date crate for one function).
+/// Formats Unix seconds as RFC 3339 UTC, as vigil itself writes times.
 pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}+00:00",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    vigil::clock::rfc3339(secs, 0)
 }
 
 fn sel_entry(layout: &BmcLayout, e: &SelEntry) -> Value {

@@ -8,7 +8,7 @@ use crate::config;
 use crate::journal;
 use crate::model::HardwareProfile;
 use crate::placement::{self, HostView, Request};
-use crate::virt::spec::{self, CpuTable, HostLimits, Inputs};
+use crate::virt::spec::{self, CpuTable, HostLimits};
 
 pub(super) fn dry_run(file: &Path, node: &str) -> anyhow::Result<u8> {
     let (cfg, _, _) = config::load(file)?;
@@ -70,15 +70,7 @@ pub(super) fn dry_run(file: &Path, node: &str) -> anyhow::Result<u8> {
             accel: crate::virt::qemu::probe_accel(),
         },
     );
-    let inputs = Inputs {
-        node,
-        epoch,
-        cap_vcpus: n.virtual_size.map(|v| v.vcpus),
-        cap_memory_mib: n.virtual_size.map(|v| v.memory_bytes >> 20),
-        cpu_policy: n.policy.cpu_model,
-        boot_disk: n.boot_disk.as_deref(),
-        kernel: None,
-    };
+    let inputs = crate::supervisor::jobs::spec_inputs(n, epoch, None);
     let vm = spec::build(&profile, &inputs, limits, &CpuTable::builtin());
     println!("{node}'s twin would be {} (epoch {epoch}):", vm.name);
     println!(

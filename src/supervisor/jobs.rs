@@ -165,6 +165,20 @@ async fn load_profile(env: &Env, node: &NodeConfig) -> Result<HardwareProfile, S
     Ok(p)
 }
 
+/// What decides a node's twin besides its profile: its configured caps, CPU policy and boot
+/// disk (shared by the failover job and `vigil failover --dry-run`).
+pub fn spec_inputs(node: &NodeConfig, epoch: u64, kernel: Option<BootSpec>) -> spec::Inputs<'_> {
+    spec::Inputs {
+        node: &node.name,
+        epoch,
+        cap_vcpus: node.virtual_size.map(|v| v.vcpus),
+        cap_memory_mib: node.virtual_size.map(|v| v.memory_bytes >> 20),
+        cpu_policy: node.policy.cpu_model,
+        boot_disk: node.boot_disk.as_deref(),
+        kernel,
+    }
+}
+
 /// Runs a failover of `node` for `epoch`. Returns the host its twin runs on.
 pub async fn failover(
     env: &Env,
@@ -312,15 +326,7 @@ pub async fn failover(
             .trim()
             .to_string(),
     });
-    let inputs = spec::Inputs {
-        node: node_name,
-        epoch,
-        cap_vcpus: node.virtual_size.map(|v| v.vcpus),
-        cap_memory_mib: node.virtual_size.map(|v| v.memory_bytes >> 20),
-        cpu_policy: node.policy.cpu_model,
-        boot_disk: node.boot_disk.as_deref(),
-        kernel,
-    };
+    let inputs = spec_inputs(&node, epoch, kernel);
     let limits = HostLimits {
         vcpus: host.capacity.vcpus,
         memory_mib: host.capacity.memory_bytes >> 20,
