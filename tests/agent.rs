@@ -170,3 +170,37 @@ fn the_agent_file_is_checked_like_the_configuration() {
     );
     assert!(err.contains("did you mean `appliance`?"), "{err}");
 }
+
+#[test]
+fn logs_are_json_lines_with_fields_when_asked() {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let out = agent()
+        .args([
+            "--log-format",
+            "json",
+            "agent",
+            "--node",
+            "db1",
+            "--interval",
+            "50ms",
+            "--count",
+            "1",
+            "--key",
+            "env:HB_KEY",
+        ])
+        .args(["--appliance", &sock.local_addr().unwrap().to_string()])
+        .env("HB_KEY", "k-db1")
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let started = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "agent started")
+        .unwrap_or_else(|| panic!("no JSON line: {err}"));
+    assert_eq!(started["node"], "db1");
+    assert_eq!(started["level"], "INFO");
+    assert!(!err.contains("k-db1"), "the key leaked into the log");
+}
