@@ -45,9 +45,9 @@ pub mod defaults {
     pub const BMC_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
     /// A fencing verdict needs this many consecutive samples agreeing.
     pub const EVIDENCE_SAMPLES: u32 = 3;
-    /// ... held for at least this long (a machine under suspicion is polled five times faster,
+    /// ... held for at least this long (a machine under suspicion is polled ten times faster,
     /// so three samples come within this).
-    pub const EVIDENCE_FOR: Duration = Duration::from_millis(500);
+    pub const EVIDENCE_FOR: Duration = Duration::from_millis(300);
     /// The host watchdog timeout the nodes' OS sets: a lost heartbeat with no watchdog expiry
     /// after this long means the OS is alive (isolated), not hung.
     pub const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(10);

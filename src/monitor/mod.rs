@@ -33,9 +33,9 @@ use crate::model::Millis;
 /// How often every machine is re-evaluated between observations.
 pub const TICK: Duration = Duration::from_millis(100);
 /// A machine under suspicion is polled this many times faster.
-pub const HURRY_FACTOR: u32 = 5;
+pub const HURRY_FACTOR: u32 = 10;
 /// ... but never more often than this.
-pub const MIN_POLL: Duration = Duration::from_millis(150);
+pub const MIN_POLL: Duration = Duration::from_millis(100);
 /// Every this many polls is a full one (sensors, PSUs, SEL); in a hurry, all are.
 pub const FULL_EVERY: u32 = 5;
 
@@ -55,7 +55,31 @@ pub struct VerdictChange {
 struct Watched {
     diag: Diagnoser,
     last: Option<Diagnosis>,
-    hurry: Arc<AtomicBool>,
+    hurry: Arc<Hurry>,
+}
+
+/// "Poll this machine faster": set by the monitor when a machine is under suspicion; the poller
+/// is woken at once, so the confirming samples do not wait out a normal interval.
+#[derive(Debug, Default)]
+pub struct Hurry {
+    flag: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Hurry {
+    /// Sets or clears the flag, waking the poller when it is newly set.
+    pub fn set(&self, on: bool) {
+        if on && !self.flag.swap(true, Ordering::Relaxed) {
+            self.wake.notify_one();
+        } else if !on {
+            self.flag.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the machine is under suspicion.
+    pub fn get(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
 }
 
 /// The diagnosers of every machine.
@@ -73,7 +97,7 @@ impl std::fmt::Debug for Monitor {
 
 impl Monitor {
     /// A monitor for every machine of `cfg`, starting at `now`.
-    pub fn new(cfg: &Config, hurry: &HashMap<String, Arc<AtomicBool>>, now: Millis) -> Self {
+    pub fn new(cfg: &Config, hurry: &HashMap<String, Arc<Hurry>>, now: Millis) -> Self {
         let machines = cfg
             .machines()
             .map(|m| {
@@ -121,7 +145,15 @@ impl Monitor {
         let mut out = Vec::new();
         for (name, w) in &mut self.machines {
             let d = w.diag.evaluate(now, rack);
-            w.hurry.store(d.kind != Kind::Healthy, Ordering::Relaxed);
+            // Poll faster while evidence is building (a candidate verdict), or while the host
+            // is on and the verdict undecided (hang or isolation: the watchdog will tell); not
+            // for settled states such as a node vigil itself powered off.
+            let powered = w
+                .diag
+                .latest()
+                .is_some_and(|s| s.power == crate::model::PowerReading::On);
+            w.hurry
+                .set(d.candidate.is_some() || (d.kind == Kind::Suspect && powered));
             let changed = match &w.last {
                 // Nothing read yet is not news.
                 None => !(d.kind == Kind::Suspect && d.candidate.is_none()),
@@ -172,7 +204,7 @@ pub struct Sources {
     /// Observations, stamped, from every source.
     pub rx: mpsc::Receiver<(String, Observation)>,
     /// Per-machine "poll faster" flags, set by the monitor.
-    pub hurry: HashMap<String, Arc<AtomicBool>>,
+    pub hurry: HashMap<String, Arc<Hurry>>,
     /// The BMC drivers, shared with fencing.
     pub bmcs: HashMap<String, Arc<dyn Bmc>>,
     /// Heartbeat counters.
@@ -285,7 +317,7 @@ pub fn start_sources(
             continue;
         }
         let b: Arc<dyn Bmc> = Arc::new(bmc::redfish_for(&m, profiles)?);
-        let flag = Arc::new(AtomicBool::new(false));
+        let flag = Arc::new(Hurry::default());
         hurry.insert(m.name.to_string(), flag.clone());
         bmcs.insert(m.name.to_string(), b.clone());
         tasks.spawn(poll(
@@ -313,7 +345,7 @@ async fn poll(
     node: String,
     b: Arc<dyn Bmc>,
     interval: Duration,
-    hurry: Arc<AtomicBool>,
+    hurry: Arc<Hurry>,
     clock: Clock,
     tx: mpsc::Sender<(String, Observation)>,
     cancel: CancellationToken,
@@ -328,7 +360,7 @@ async fn poll(
     }
     loop {
         let started = clock.now();
-        let in_hurry = hurry.load(Ordering::Relaxed);
+        let in_hurry = hurry.get();
         let depth = if in_hurry || n % FULL_EVERY == 0 {
             Depth::Full
         } else {
@@ -351,15 +383,20 @@ async fn poll(
         {
             break;
         }
-        let every = if hurry.load(Ordering::Relaxed) {
-            (interval / HURRY_FACTOR).max(MIN_POLL)
-        } else {
-            interval
-        };
+        let fast = (interval / HURRY_FACTOR).max(MIN_POLL);
+        let every = if hurry.get() { fast } else { interval };
         let next = clock.instant(started) + every;
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep_until(next.into()) => {}
+            // Suspicion arrived while sleeping a normal interval: the next sample comes at the
+            // fast pace from the last one, not at the end of the interval.
+            _ = hurry.wake.notified() => {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep_until((clock.instant(started) + fast).into()) => {}
+                }
+            }
         }
     }
     b.close().await;

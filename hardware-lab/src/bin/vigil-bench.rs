@@ -343,7 +343,7 @@ fn detect(runs: usize) -> anyhow::Result<()> {
         ),
     ];
     println!(
-        "fault to verdict (vigil watch on the lab: BMC poll 1 s, heartbeats 1 s, 3 misses, evidence 3 samples over 500 ms, OS watchdog 2 s):"
+        "fault to verdict (vigil watch on the lab: BMC poll 1 s, heartbeats 1 s, 3 misses, evidence 3 samples over 300 ms (polled every 100 ms under suspicion), OS watchdog 2 s):"
     );
     println!(
         "{:<22} {:>5} {:>9} {:>9} {:>9}",
