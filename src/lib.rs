@@ -18,7 +18,8 @@
 //! - [`heartbeat`]: the heartbeat packet and the node agent that sends it.
 //! - [`placement`]: pure: which failover or backup server takes which failed node (N+m).
 //! - [`virt`]: virtual nodes: the VM spec from a hardware profile, and the QEMU driver.
-//! - [`supervisor`]: the per-node state machines (pure) and the jobs they start.
+//! - [`supervisor`]: the per-node state machines and the rack's gate (pure).
+//! - [`daemon`]: the I/O half: fence executor, failover and failback jobs, `vigil run`.
 //! - [`telemetry`]: logging (stderr text or JSON, journald under systemd).
 //! - [`cli`]: the command line.
 //!
@@ -30,6 +31,7 @@ pub mod bmc;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod diagnosis;
 pub mod fencing;
 pub mod heartbeat;

@@ -160,7 +160,7 @@ impl Metrics {
     }
 
     /// The status of every node.
-    pub fn update(&self, s: &super::super::supervisor::run::Status) {
+    pub fn update(&self, s: &crate::daemon::run::Status) {
         let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
         let now: Vec<NodeState> = s
             .nodes

@@ -36,7 +36,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Secret};
-use crate::supervisor::run::{Command, Shared};
+use crate::daemon::run::{Command, Shared};
 
 #[derive(Clone)]
 struct App {

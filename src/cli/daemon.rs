@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 use crate::config;
-use crate::supervisor::run::{self, Options};
+use crate::daemon::run::{self, Options};
 
 pub(super) fn run(file: &Path, stop_after: Option<Duration>) -> anyhow::Result<u8> {
     let rt = tokio::runtime::Runtime::new().context("the runtime cannot start")?;

@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 
 use crate::clock::parse_rfc3339_ms;
 use crate::config;
+use crate::daemon::run::{self, Options};
 use crate::journal::{self, Record, RecordKind};
-use crate::supervisor::run::{self, Options};
 use crate::virt::Hypervisor;
 
 /// The rack the demo runs: the lab's 4-node rack with a 3 s OS watchdog (so a hang is told from

@@ -70,7 +70,7 @@ pub(super) fn dry_run(file: &Path, node: &str) -> anyhow::Result<u8> {
             accel: crate::virt::qemu::probe_accel(),
         },
     );
-    let inputs = crate::supervisor::jobs::spec_inputs(n, epoch, None);
+    let inputs = crate::daemon::jobs::spec_inputs(n, epoch, None);
     let vm = spec::build(&profile, &inputs, limits, &CpuTable::builtin());
     println!("{node}'s twin would be {} (epoch {epoch}):", vm.name);
     println!(

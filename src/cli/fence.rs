@@ -117,7 +117,7 @@ pub(super) fn run(
     let journal = Arc::new(Mutex::new(Journal::open(&s.cfg.appliance.state_dir)?));
     let by = operator();
     let outcome = rt.block_on(async {
-        let r = fencing::fence(
+        let r = crate::daemon::fence::fence(
             &plan,
             &journal,
             None,

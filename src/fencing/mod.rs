@@ -1,8 +1,8 @@
 //! Fencing: make certain a node can no longer run its workload, and prove it.
 //!
-//! Overview: a [`FencePlan`] lists the methods for a node in order (Redfish ForceOff first, then
+//! Overview (the rules; the executor that runs them is `daemon::fence`): a [`FencePlan`] lists the methods for a node in order (Redfish ForceOff first, then
 //! IPMI chassis power off when the node has it and this build reads IPMI), each with its own
-//! timeout and retries. [`fence`] walks the plan. Before every action it *reads* the power
+//! timeout and retries. `daemon::fence::fence` walks the plan. Before every action it *reads* the power
 //! state: a node already off is confirmed without any action, which is also how an interrupted
 //! fence converges after a crash (the log shows the action was announced; the read shows whether
 //! it took; nothing is re-sent that is not needed). Every action is written to the fencing log and
@@ -15,7 +15,7 @@
 //!
 //! Scope: one fence of one node. When to fence is the supervisor's; the verdict is diagnosis's.
 //!
-//! Key types: [`FencePlan`], [`Method`], [`FenceOutcome`], [`fence`], [`FenceError`].
+//! Key types: [`FencePlan`], [`Method`], [`FenceOutcome`], [`FenceError`], [`state_of`].
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,9 +23,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::bmc::{ActionOutcome, Bmc, BmcError, Depth, PowerAction};
+use crate::bmc::Bmc;
 use crate::journal::{Journal, JournalError, RecordKind};
-use crate::model::PowerReading;
 
 /// Consecutive `Off` reads that confirm a fence.
 pub const CONFIRM_READS: u32 = 2;
@@ -112,35 +111,6 @@ pub enum FenceError {
     NoMethod(String),
 }
 
-/// Test-only fault injection: `VIGIL_CRASH_AT=<step>` makes the process abort at that step of a
-/// fence, exactly as a kill -9 would, so that tests can prove the restart converges. Steps:
-/// `fence-begin`, `after-announce`, `after-action`, `before-confirm`.
-fn crash_point(step: &str) {
-    if std::env::var("VIGIL_CRASH_AT").is_ok_and(|s| s == step) {
-        eprintln!("VIGIL_CRASH_AT={step}: aborting here, as a kill -9 would");
-        std::process::abort();
-    }
-}
-
-enum Read {
-    Off,
-    NotOff(PowerReading),
-    Failed(BmcError),
-}
-
-async fn read_power(bmc: &dyn Bmc, timeout: Duration) -> Read {
-    match tokio::time::timeout(timeout, bmc.status(Depth::Fast)).await {
-        Ok(Ok(s)) if s.power == PowerReading::Off => Read::Off,
-        Ok(Ok(s)) => Read::NotOff(s.power),
-        Ok(Err(e)) => Read::Failed(e),
-        Err(_) => Read::Failed(BmcError::Timeout {
-            endpoint: "fence".into(),
-            what: "power read".into(),
-            timeout_ms: timeout.as_millis() as u64,
-        }),
-    }
-}
-
 /// Readings run-length encoded for the log: "On x40, PoweringOff x3, Off x2".
 pub fn summarize(reads: &[String]) -> String {
     let mut out: Vec<(String, usize)> = Vec::new();
@@ -160,217 +130,6 @@ pub fn summarize(reads: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Reads until `CONFIRM_READS` consecutive Off reads, or the deadline. Returns the readings.
-async fn confirm(bmc: &dyn Bmc, deadline: tokio::time::Instant) -> (bool, Vec<String>) {
-    let mut streak = 0;
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            return (false, seen);
-        }
-        match read_power(bmc, left).await {
-            Read::Off => {
-                streak += 1;
-                seen.push("Off".into());
-                if streak >= CONFIRM_READS {
-                    return (true, seen);
-                }
-            }
-            Read::NotOff(p) => {
-                streak = 0;
-                seen.push(format!("{p:?}"));
-            }
-            Read::Failed(e) => {
-                streak = 0;
-                seen.push(format!("error: {e}"));
-            }
-        }
-        if seen.len() > 200 {
-            seen.drain(..100);
-        }
-        tokio::time::sleep(
-            CONFIRM_INTERVAL.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
-        )
-        .await;
-    }
-}
-
-/// Fences `plan.node`. `epoch` is the failover's, `why` the verdict that asked for it (both
-/// logged). Returns how it ended; an error means nothing was attempted.
-pub async fn fence(
-    plan: &FencePlan,
-    journal: &Arc<Mutex<Journal>>,
-    epoch: Option<u64>,
-    why: serde_json::Value,
-) -> Result<FenceOutcome, FenceError> {
-    let node = plan.node.as_str();
-    if plan.methods.is_empty() {
-        return Err(FenceError::NoMethod(node.to_string()));
-    }
-    let started = tokio::time::Instant::now();
-    // Was a power action announced by a fence that never finished (the appliance crashed)?
-    let resumed = {
-        let j = journal.lock().unwrap_or_else(|p| p.into_inner());
-        j.records()
-            .iter()
-            .rev()
-            .filter(|r| r.node.as_deref() == Some(node))
-            .find(|r| {
-                matches!(
-                    r.kind,
-                    RecordKind::FenceAction
-                        | RecordKind::FenceActionResult
-                        | RecordKind::FenceConfirmed
-                        | RecordKind::FencePending
-                        | RecordKind::AckOff
-                        | RecordKind::PowerOn
-                )
-            })
-            .is_some_and(|r| {
-                matches!(
-                    r.kind,
-                    RecordKind::FenceAction | RecordKind::FenceActionResult
-                )
-            })
-    };
-    let log = |kind, msg: String, detail| -> Result<(), JournalError> {
-        journal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .append(Some(node), kind, epoch, msg, detail)
-            .map(drop)
-    };
-    log(
-        RecordKind::FenceBegin,
-        if resumed {
-            format!(
-                "resuming the interrupted fence of {node}: reading its power before sending anything again"
-            )
-        } else {
-            format!("fencing {node}: {} method(s) in order", plan.methods.len())
-        },
-        json!({ "plan": plan.describe(), "why": why, "resumed": resumed }),
-    )?;
-    tracing::warn!(node, action = "fence", epoch, "fence begins");
-    crash_point("fence-begin");
-    let mut attempts = Vec::new();
-    let mut actions = 0;
-    for m in &plan.methods {
-        for attempt in 1..=m.retries + 1 {
-            let deadline = tokio::time::Instant::now() + m.timeout;
-            // Read first: a node already off (or on its way off) needs no action, and an
-            // interrupted fence whose action did take is confirmed without a second one: it is
-            // given the firmware's reflect time to show it.
-            let first = read_power(m.bmc.as_ref(), m.timeout).await;
-            let wait_first = matches!(first, Read::Off | Read::NotOff(PowerReading::PoweringOff))
-                || (resumed && actions == 0 && attempt == 1);
-            if wait_first {
-                let until = if matches!(first, Read::Off) {
-                    deadline
-                } else {
-                    (tokio::time::Instant::now()
-                        + plan.reflect
-                        + CONFIRM_INTERVAL * (CONFIRM_READS + 1))
-                        .min(deadline)
-                };
-                let (ok, reads) = confirm(m.bmc.as_ref(), until).await;
-                if ok {
-                    let elapsed_ms = started.elapsed().as_millis() as u64;
-                    log(
-                        RecordKind::FenceConfirmed,
-                        format!(
-                            "{node} is off (read back Off {CONFIRM_READS} times through {}; no action was needed)",
-                            m.name
-                        ),
-                        json!({ "method": m.name, "already_off": true, "reads": summarize(&reads), "elapsed_ms": elapsed_ms }),
-                    )?;
-                    tracing::warn!(node, action = "fence", method = %m.name, elapsed_ms, "fence confirmed (already off)");
-                    return Ok(FenceOutcome::Confirmed {
-                        method: m.name.clone(),
-                        already_off: actions == 0,
-                        actions,
-                        elapsed_ms,
-                    });
-                }
-            }
-            log(
-                RecordKind::FenceAction,
-                format!(
-                    "sending power off to {node} through {} (attempt {attempt})",
-                    m.name
-                ),
-                json!({ "method": m.name, "attempt": attempt }),
-            )?;
-            crash_point("after-announce");
-            actions += 1;
-            let r = tokio::time::timeout(m.timeout, m.bmc.power(PowerAction::Off)).await;
-            crash_point("after-action");
-            let (result_text, go_on, busy) = match &r {
-                Ok(Ok(ActionOutcome::Accepted)) => ("accepted".to_string(), true, false),
-                Ok(Ok(ActionOutcome::AlreadyDone)) => ("already off".to_string(), true, false),
-                Ok(Err(e)) => (
-                    format!("error: {e}"),
-                    e.is_transient(),
-                    e.to_string().contains("busy"),
-                ),
-                Err(_) => (
-                    format!("no answer within {} ms", m.timeout.as_millis()),
-                    true,
-                    false,
-                ),
-            };
-            log(
-                RecordKind::FenceActionResult,
-                format!("{} answered: {result_text}", m.name),
-                json!({ "method": m.name, "attempt": attempt, "result": result_text }),
-            )?;
-            crash_point("before-confirm");
-            if go_on {
-                let (ok, reads) = confirm(m.bmc.as_ref(), deadline).await;
-                if ok {
-                    let elapsed_ms = started.elapsed().as_millis() as u64;
-                    log(
-                        RecordKind::FenceConfirmed,
-                        format!(
-                            "{node} is off: read back Off {CONFIRM_READS} times through {} after {elapsed_ms} ms",
-                            m.name
-                        ),
-                        json!({ "method": m.name, "already_off": false, "reads": summarize(&reads), "elapsed_ms": elapsed_ms, "actions": actions }),
-                    )?;
-                    tracing::warn!(node, action = "fence", method = %m.name, elapsed_ms, "fence confirmed");
-                    return Ok(FenceOutcome::Confirmed {
-                        method: m.name.clone(),
-                        already_off: false,
-                        actions,
-                        elapsed_ms,
-                    });
-                }
-                attempts.push(format!(
-                    "{} attempt {attempt}: {result_text}; not confirmed: read {}",
-                    m.name,
-                    summarize(&reads)
-                ));
-            } else {
-                attempts.push(format!("{} attempt {attempt}: {result_text}", m.name));
-                break;
-            }
-            if busy {
-                tokio::time::sleep(BUSY_PAUSE).await;
-            }
-        }
-    }
-    log(
-        RecordKind::FencePending,
-        format!(
-            "FENCE PENDING: {node} could not be confirmed off by any method; no failover until it is, or until an operator runs `vigil fence {node} --ack-off`"
-        ),
-        json!({ "attempts": attempts }),
-    )?;
-    tracing::error!(node, action = "fence", attempts = ?attempts, "FENCE PENDING: no method confirmed the node off; no failover will start");
-    Ok(FenceOutcome::Pending { attempts })
 }
 
 /// An operator's explicit confirmation that `node` is off (they pulled its power, say).

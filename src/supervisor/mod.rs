@@ -1,11 +1,6 @@
-//! The supervisor: the per-node state machines and the loop that drives them.
-//!
-//! Overview: [`fsm`] is the pure part (phases, inputs, actions, the rack's gate). The runtime
-//! (`vigil run`) feeds it the monitor's verdicts and the jobs' progress, and runs the actions it
-//! returns: failover and failback jobs, with bounded concurrency and never two jobs per node.
+//! The supervisor: the per-node state machines and the rack's gate. Pure: state, input and time
+//! in; next state and actions out. The runtime that drives them is `daemon::run`.
 //!
 //! Key types: [`fsm::Node`], [`fsm::Rack`], [`fsm::Action`].
 
 pub mod fsm;
-pub mod jobs;
-pub mod run;

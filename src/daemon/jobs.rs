@@ -21,7 +21,6 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::broadcast;
 
-use super::fsm::Step;
 use crate::bmc::{Bmc, PowerAction};
 use crate::clock::Clock;
 use crate::config::{Config, HostConfig, NodeConfig, ProfileSet};
@@ -30,6 +29,7 @@ use crate::journal::{Journal, RecordKind};
 use crate::model::HardwareProfile;
 use crate::monitor::TwinBeat;
 use crate::placement::{self, Decision, HostView, Placed, Request};
+use crate::supervisor::fsm::Step;
 use crate::virt::spec::{self, BootSpec, CpuTable, HostLimits};
 use crate::virt::{GuestIdentity, Hypervisor, VmState};
 
@@ -212,7 +212,14 @@ pub async fn failover(
             .map(|p| p.timing.power_off_reflect)
             .unwrap_or(Duration::from_secs(10));
         let plan = fencing::plan_for(node_name, bmc, &node.policy, profile);
-        match fencing::fence(&plan, &env.journal, Some(epoch), json!({ "verdict": why })).await {
+        match crate::daemon::fence::fence(
+            &plan,
+            &env.journal,
+            Some(epoch),
+            json!({ "verdict": why }),
+        )
+        .await
+        {
             Ok(FenceOutcome::Confirmed { .. }) => {}
             Ok(FenceOutcome::Pending { .. }) => return Err(JobEnd::FencePending),
             Err(e) => return Err(JobEnd::Stalled(e.to_string())),

@@ -27,13 +27,13 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::fsm::{Action, Deadlines, Input, Node, Phase, Physical, Rack, Step};
-use super::jobs::{self, Env, JobEnd};
 use crate::clock::Clock;
 use crate::config::{self, Config, HypervisorDriver};
+use crate::daemon::jobs::{self, Env, JobEnd};
 use crate::diagnosis::{Diagnosis, Kind, Observation};
 use crate::journal::{Journal, Record, RecordKind};
 use crate::monitor::{self, Monitor};
+use crate::supervisor::fsm::{Action, Deadlines, Input, Node, Phase, Physical, Rack, Step};
 use crate::virt::qemu::{NetMode, QemuDriver, probe_accel};
 use crate::virt::spec::CpuTable;
 use crate::virt::{Hypervisor, VmState};
@@ -620,7 +620,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                             .unwrap_or_default();
                         let plan = crate::fencing::plan_for(&node, bmc, &policy, reflect);
                         let _ = env.power_requested.send((node.clone(), false));
-                        let r = crate::fencing::fence(
+                        let r = crate::daemon::fence::fence(
                             &plan,
                             &env.journal,
                             Some(epoch),
