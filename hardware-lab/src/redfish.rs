@@ -502,6 +502,11 @@ fn get_resource(bmc: &Bmc, path: &str) -> Response {
         Some(sel_entry(&bmc.layout, e))
     } else {
         bmc.server.mockup.get(path).cloned().map(|mut v| {
+            // The DMTF mockups carry a copyright annotation that no real BMC serves (and that
+            // the Redfish validator rejects).
+            if let Some(o) = v.as_object_mut() {
+                o.remove("@Redfish.Copyright");
+            }
             overlay(bmc, path, &mut v, &s, now);
             v
         })
@@ -643,10 +648,13 @@ fn overlay(bmc: &Bmc, path: &str, v: &mut Value, s: &ServerState, now: Millis) {
         set_health(v, s.health());
     } else if Some(path) == l.thermal.as_deref() {
         if s.has_fault(F::ThermalTrip)
-            && let Some(t) = v["Temperatures"].as_array_mut().and_then(|a| {
-                a.iter_mut()
-                    .find(|t| t.get("ReadingCelsius").is_some_and(|r| r.is_number()))
-            })
+            && let Some(t) = v
+                .get_mut("Temperatures")
+                .and_then(Value::as_array_mut)
+                .and_then(|a| {
+                    a.iter_mut()
+                        .find(|t| t.get("ReadingCelsius").is_some_and(|r| r.is_number()))
+                })
         {
             let crit = t["UpperThresholdCritical"].as_f64().unwrap_or(95.0);
             t["ReadingCelsius"] = json!(crit + 8.0);
@@ -655,12 +663,12 @@ fn overlay(bmc: &Bmc, path: &str, v: &mut Value, s: &ServerState, now: Millis) {
     } else if Some(path) == l.power.as_deref() {
         // A healthy lab server's PSUs are healthy whatever the capture's were.
         let failed = failed_psus(s);
-        if let Some(psus) = v["PowerSupplies"].as_array_mut() {
+        if let Some(psus) = v.get_mut("PowerSupplies").and_then(Value::as_array_mut) {
             for (i, p) in psus.iter_mut().enumerate() {
                 set_health(p, if i < failed { "Critical" } else { "OK" });
             }
         }
-        if let Some(red) = v["Redundancy"].as_array_mut() {
+        if let Some(red) = v.get_mut("Redundancy").and_then(Value::as_array_mut) {
             for r in red {
                 set_health(
                     r,
@@ -673,10 +681,13 @@ fn overlay(bmc: &Bmc, path: &str, v: &mut Value, s: &ServerState, now: Millis) {
             }
         }
         if s.has_fault(F::VrFault)
-            && let Some(volt) = v["Voltages"].as_array_mut().and_then(|a| {
-                a.iter_mut()
-                    .find(|t| t.get("ReadingVolts").is_some_and(|r| r.is_number()))
-            })
+            && let Some(volt) = v
+                .get_mut("Voltages")
+                .and_then(Value::as_array_mut)
+                .and_then(|a| {
+                    a.iter_mut()
+                        .find(|t| t.get("ReadingVolts").is_some_and(|r| r.is_number()))
+                })
         {
             let base = volt["UpperThresholdCritical"]
                 .as_f64()

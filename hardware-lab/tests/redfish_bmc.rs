@@ -470,6 +470,24 @@ async fn every_host_fault_shows_on_redfish_as_on_a_real_server() {
 }
 
 #[tokio::test]
+async fn overlays_never_add_properties_the_capture_lacks() {
+    let lab = lab();
+    // The DMTF capture's Power resource has no Redundancy: a PSU fault must not add a null one.
+    lab.inject("backup1", Fault::new(FaultKind::PsuFailure));
+    lab.inject("backup1", Fault::new(FaultKind::VrFault));
+    let power = lab
+        .get_json("backup1", "/redfish/v1/Chassis/1U/Power")
+        .await;
+    let v = power.as_object().unwrap();
+    for (k, val) in v {
+        assert!(!val.is_null(), "{k} is null");
+    }
+    let sys = lab.get_json("backup1", &lab.system("backup1")).await;
+    assert!(sys.get("@Redfish.Copyright").is_none());
+    lab.rack.stop().await;
+}
+
+#[tokio::test]
 async fn a_lost_power_cannot_be_switched_back_on_until_repaired() {
     let lab = lab();
     lab.inject("backup1", Fault::new(FaultKind::PowerLoss));
