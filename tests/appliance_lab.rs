@@ -116,6 +116,43 @@ fn api(lab: &Lab, method: &str, path: &str, token: Option<&str>) -> (u16, Value)
     )
 }
 
+/// The raw server-sent events of `/api/events` while `act` runs, read until the stream carries
+/// the resume record or 10 s pass.
+fn events_while(lab: &Lab, act: impl FnOnce()) -> String {
+    use std::io::{Read, Write};
+    let addr = lab.endpoints["api_listen"].as_str().unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /api/events HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // The stream is subscribed once its response head arrives.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let t0 = Instant::now();
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n")
+        && t0.elapsed() < Duration::from_secs(10)
+    {
+        if let Ok(n) = s.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    act();
+    let t0 = Instant::now();
+    while !String::from_utf8_lossy(&got).contains("automation resumed")
+        && t0.elapsed() < Duration::from_secs(10)
+    {
+        if let Ok(n) = s.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    // One more short read: a duplicate would follow right behind.
+    std::thread::sleep(Duration::from_millis(300));
+    if let Ok(n) = s.read(&mut buf) {
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 fn state(lab: &Lab, node: &str) -> String {
     let (_, v) = api(lab, "GET", "/api/status", None);
     v["nodes"]
@@ -239,6 +276,22 @@ fn a_hardware_fault_fails_over_and_back_and_the_node_never_runs_beside_its_twin(
     // Actions need the token.
     assert_eq!(api(&lab, "POST", "/api/pause", None).0, 401);
     assert_eq!(api(&lab, "POST", "/api/pause", Some("wrong")).0, 401);
+    // The event stream carries every record of the log exactly once.
+    let stream = events_while(&lab, || {
+        let t = token(&lab);
+        assert_eq!(api(&lab, "POST", "/api/pause", Some(&t)).0, 202);
+        assert_eq!(api(&lab, "POST", "/api/resume", Some(&t)).0, 202);
+    });
+    for msg in [
+        "automation paused by an operator",
+        "automation resumed by an operator",
+    ] {
+        assert_eq!(
+            stream.matches(msg).count(),
+            1,
+            "{msg} in the event stream: {stream}"
+        );
+    }
 
     lab.inject("db1", json!({"kind": "power-loss"}));
     wait_state(&lab, "db1", "running-virtual", Duration::from_secs(40));

@@ -142,26 +142,22 @@ enum JobResult {
     Other(String, Result<(), String>),
 }
 
+/// Append one record to the fencing log. The journal's listener (set in `run`) forwards it to
+/// the event stream and the metrics, so this does not send it anywhere itself.
 fn append(
     journal: &Arc<Mutex<Journal>>,
-    events: &broadcast::Sender<Record>,
     node: Option<&str>,
     kind: RecordKind,
     epoch: Option<u64>,
     msg: String,
     detail: serde_json::Value,
 ) {
-    match journal
+    if let Err(e) = journal
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .append(node, kind, epoch, msg, detail)
     {
-        Ok(r) => {
-            let _listeners = events.send(r);
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "the fencing log cannot be written: no action will be taken until it can")
-        }
+        tracing::error!(error = %e, "the fencing log cannot be written: no action will be taken until it can")
     }
 }
 
@@ -355,7 +351,6 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     }
     append(
         &journal,
-        &events,
         None,
         RecordKind::Start,
         None,
@@ -443,12 +438,12 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 match config::load(path) {
                     Ok((new, _, _)) => {
                         policy = new.policy.clone();
-                        append(&journal, &events, None, RecordKind::Operator, None, "configuration reloaded (SIGHUP): the new policy is in force; node and host changes take effect at the next start".into(), serde_json::Value::Null);
+                        append(&journal, None, RecordKind::Operator, None, "configuration reloaded (SIGHUP): the new policy is in force; node and host changes take effect at the next start".into(), serde_json::Value::Null);
                     }
                     Err(e) => {
                         let detail = match &e { config::ConfigError::Invalid { diagnostics, .. } => diagnostics.to_string(), other => other.to_string() };
                         tracing::error!(error = %e, "SIGHUP: the new configuration is invalid and was refused; the old one stays");
-                        append(&journal, &events, None, RecordKind::Operator, None, format!("SIGHUP: new configuration refused ({e}); the old one stays"), json!({ "problems": detail }));
+                        append(&journal, None, RecordKind::Operator, None, format!("SIGHUP: new configuration refused ({e}); the old one stays"), json!({ "problems": detail }));
                     }
                 }
             }
@@ -492,10 +487,10 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 let now = clock.now();
                 let act = |n: &str, i: Input, rack: &mut Rack| rack.nodes.get_mut(n).map(|x| x.step(i, now, &policy, &deadlines)).unwrap_or_default();
                 match c {
-                    Command::Pause => { rack.paused = true; append(&journal, &events, None, RecordKind::Operator, None, "automation paused by an operator".into(), serde_json::Value::Null); }
-                    Command::Resume => { rack.paused = false; append(&journal, &events, None, RecordKind::Operator, None, "automation resumed by an operator".into(), serde_json::Value::Null); }
+                    Command::Pause => { rack.paused = true; append(&journal, None, RecordKind::Operator, None, "automation paused by an operator".into(), serde_json::Value::Null); }
+                    Command::Resume => { rack.paused = false; append(&journal, None, RecordKind::Operator, None, "automation resumed by an operator".into(), serde_json::Value::Null); }
                     Command::Maintenance(n, on) => {
-                        append(&journal, &events, Some(&n), RecordKind::Operator, None, format!("{n}: maintenance {}", if on { "on" } else { "off" }), serde_json::Value::Null);
+                        append(&journal, Some(&n), RecordKind::Operator, None, format!("{n}: maintenance {}", if on { "on" } else { "off" }), serde_json::Value::Null);
                         pending.extend(act(&n, Input::Maintenance(on), &mut rack));
                     }
                     Command::Failover(n) => pending.extend(act(&n, Input::FailoverNow, &mut rack)),
@@ -520,7 +515,6 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
             if d.kind != Kind::Suspect || d.candidate.is_some() {
                 append(
                     &journal,
-                    &events,
                     Some(&c.node),
                     RecordKind::Verdict,
                     None,
@@ -596,7 +590,6 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     tracing::error!(node = %node, epoch, "the physical node is on while its twin runs: fencing it again");
                     append(
                         &journal,
-                        &events,
                         Some(&node),
                         RecordKind::Refusal,
                         Some(epoch),
@@ -635,7 +628,6 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 Action::PowerCycle { node } => {
                     append(
                         &journal,
-                        &events,
                         Some(&node),
                         RecordKind::Operator,
                         None,
@@ -658,7 +650,6 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     tracing::warn!(node = %node, reason = %reason, "no action");
                     append(
                         &journal,
-                        &events,
                         Some(&node),
                         RecordKind::Refusal,
                         None,
@@ -674,7 +665,6 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     tracing::error!(node = %node, phase = %phase, for_ms, "a job runs past its deadline");
                     append(
                         &journal,
-                        &events,
                         Some(&node),
                         RecordKind::Operator,
                         None,
@@ -752,7 +742,6 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         .collect();
     append(
         &journal,
-        &events,
         None,
         RecordKind::Operator,
         None,
