@@ -179,6 +179,37 @@ pub fn spec_inputs(node: &NodeConfig, epoch: u64, kernel: Option<BootSpec>) -> s
     }
 }
 
+/// Power-fences `node` for `epoch` through its configured methods, recording `verdict` as the
+/// reason; the failover and the refence of a node powered on beside its twin both go through
+/// here, so both say the same in the log and tell the lab the same power request.
+pub async fn fence_node(
+    env: &Env,
+    node_name: &str,
+    epoch: u64,
+    verdict: &str,
+) -> Result<FenceOutcome, fencing::FenceError> {
+    let node = env.cfg.node(node_name);
+    let reflect = node
+        .and_then(|n| env.profiles.get(&n.firmware_profile))
+        .map(|p| p.timing.power_off_reflect)
+        .unwrap_or(Duration::from_secs(10));
+    let policy = node.map(|n| n.policy.clone()).unwrap_or_default();
+    let plan = fencing::plan_for(
+        node_name,
+        env.bmcs.get(node_name).cloned(),
+        &policy,
+        reflect,
+    );
+    let _ = env.power_requested.send((node_name.to_string(), false));
+    crate::daemon::fence::fence(
+        &plan,
+        &env.journal,
+        Some(epoch),
+        json!({ "verdict": verdict }),
+    )
+    .await
+}
+
 /// Runs a failover of `node` for `epoch`. Returns the host its twin runs on.
 pub async fn failover(
     env: &Env,
@@ -204,22 +235,7 @@ pub async fn failover(
             format!("failover of {node_name} begins (epoch {epoch}): {why}"),
             json!({ "why": why }),
         )?;
-        let _ = env.power_requested.send((node_name.to_string(), false));
-        let bmc = env.bmcs.get(node_name).cloned();
-        let profile = env
-            .profiles
-            .get(&node.firmware_profile)
-            .map(|p| p.timing.power_off_reflect)
-            .unwrap_or(Duration::from_secs(10));
-        let plan = fencing::plan_for(node_name, bmc, &node.policy, profile);
-        match crate::daemon::fence::fence(
-            &plan,
-            &env.journal,
-            Some(epoch),
-            json!({ "verdict": why }),
-        )
-        .await
-        {
+        match fence_node(env, node_name, epoch, why).await {
             Ok(FenceOutcome::Confirmed { .. }) => {}
             Ok(FenceOutcome::Pending { .. }) => return Err(JobEnd::FencePending),
             Err(e) => return Err(JobEnd::Stalled(e.to_string())),

@@ -599,29 +599,10 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         serde_json::Value::Null,
                     );
                     jobs.spawn(async move {
-                        let bmc = env.bmcs.get(&node).cloned();
-                        let reflect = env
-                            .cfg
-                            .node(&node)
-                            .and_then(|n| env.profiles.get(&n.firmware_profile))
-                            .map(|p| p.timing.power_off_reflect)
-                            .unwrap_or(Duration::from_secs(10));
-                        let policy = env
-                            .cfg
-                            .node(&node)
-                            .map(|n| n.policy.clone())
-                            .unwrap_or_default();
-                        let plan = crate::fencing::plan_for(&node, bmc, &policy, reflect);
-                        let _ = env.power_requested.send((node.clone(), false));
-                        let r = crate::daemon::fence::fence(
-                            &plan,
-                            &env.journal,
-                            Some(epoch),
-                            json!({ "verdict": "twin running" }),
-                        )
-                        .await
-                        .map(drop)
-                        .map_err(|e| e.to_string());
+                        let r = jobs::fence_node(&env, &node, epoch, "twin running")
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string());
                         let _ = jtx.send(JobResult::Other(node, r));
                     });
                 }
