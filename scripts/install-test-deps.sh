@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 # Debian packages the test suite starts or calls.
 #   systemd:          systemd-analyze, to verify the units in systemd/ and rate their sandbox.
 #   chromium, chromium-driver: the operator page is tested in a real headless browser.
-#   fence-agents:     fence_redfish, the peer the fence benchmark compares against.
-DEBIAN_PACKAGES=(systemd chromium fence-agents)
+#   fence-agents:     fence_redfish and fence_ipmilan, the peers the fence benchmark compares against.
+#   openipmi:         ipmi_sim and sdrcomp, the lab's real IPMI BMCs.
+#   ipmitool:         the IPMI client the driver's readings are compared with.
+DEBIAN_PACKAGES=(systemd chromium fence-agents openipmi ipmitool)
 
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do

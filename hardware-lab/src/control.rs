@@ -111,6 +111,10 @@ pub fn router(servers: BTreeMap<String, Arc<SimServer>>) -> Router {
         .route("/servers/{name}", get(one))
         .route("/servers/{name}/inject", post(inject))
         .route("/servers/{name}/repair", post(repair))
+        .route(
+            "/servers/{name}/ipmi/chassis",
+            get(ipmi_chassis_get).post(ipmi_chassis_set),
+        )
         .with_state(Arc::new(servers))
 }
 
@@ -157,6 +161,56 @@ async fn repair(State(servers): State<Servers>, Path(name): Path<String>) -> Res
         }
         None => unknown(&name),
     }
+}
+
+/// What `ipmi_sim`'s chassis_control reads: power is 1 exactly when Redfish says On or
+/// PoweringOff (so IPMI and Redfish agree, and a power cycle's 1 Hz poll sees the off delay).
+async fn ipmi_chassis_get(State(servers): State<Servers>, Path(name): Path<String>) -> Response {
+    let Some(s) = servers.get(&name) else {
+        return unknown(&name);
+    };
+    let st = s.state();
+    let on = matches!(
+        st.power.power_state(),
+        crate::power::PowerState::On | crate::power::PowerState::PoweringOff
+    );
+    Json(json!({ "power": u8::from(on), "boot": "default" })).into_response()
+}
+
+/// A chassis control from `ipmi_sim`: `{"op": "power", "value": "0"}` and the like.
+async fn ipmi_chassis_set(
+    State(servers): State<Servers>,
+    Path(name): Path<String>,
+    Json(req): Json<serde_json::Value>,
+) -> Response {
+    use crate::server::PowerAction;
+    let Some(s) = servers.get(&name) else {
+        return unknown(&name);
+    };
+    let op = req["op"].as_str().unwrap_or("");
+    let value = req["value"].as_str().unwrap_or("").trim_matches('"');
+    let action = match (op, value) {
+        ("power", "0") => Some(PowerAction::Off),
+        ("power", "1") => Some(PowerAction::On),
+        ("reset", _) => Some(PowerAction::Restart),
+        // A soft shutdown: the lab's OS obeys ACPI at once.
+        ("shutdown", _) => Some(PowerAction::Off),
+        ("boot" | "identify", _) => None,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({ "error": format!("unknown chassis control {op} {value}") })),
+            )
+                .into_response();
+        }
+    };
+    if let Some(a) = action {
+        tracing::info!(server = %name, action = ?a, "IPMI chassis control");
+        let now = s.clock.now();
+        s.state().power_action(a, now);
+        s.changed.notify_waiters();
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// Why a control request failed.

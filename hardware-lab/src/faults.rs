@@ -27,6 +27,8 @@
 //! | `oversized-body` | | | | a 64 MiB body |
 //! | `stale-power-state` | | | | PowerState frozen |
 //! | `bmc-reboot` (`--for`) | | | | unreachable, sessions lost, then PowerState missing a while |
+//! | `redfish-down` | | | | Redfish refuses connections; IPMI answers |
+//! | `ipmi-down` | | | | IPMI silent; Redfish answers |
 //!
 //! Key types: [`FaultKind`], [`Fault`].
 
@@ -78,6 +80,10 @@ pub enum FaultKind {
     StalePowerState,
     /// The BMC reboots.
     BmcReboot,
+    /// Only the BMC's Redfish service is down (it crashed; IPMI still answers).
+    RedfishDown,
+    /// Only the BMC's IPMI service is down (Redfish still answers).
+    IpmiDown,
 }
 
 impl FaultKind {
@@ -103,6 +109,8 @@ impl FaultKind {
         FaultKind::OversizedBody,
         FaultKind::StalePowerState,
         FaultKind::BmcReboot,
+        FaultKind::RedfishDown,
+        FaultKind::IpmiDown,
     ];
 
     /// Its name on the command line and in scenario files.

@@ -9,6 +9,7 @@
 //! - [`redfish`]: the Redfish BMC (HTTPS, sessions, reset with the firmware's quirks).
 //! - [`mockup`]: real Redfish captures the BMCs are seeded from.
 //! - [`os`]: the simulated OS: the real `vigil agent`, a heartbeat relay, the watchdog channel.
+//! - [`ipmi`]: one real `ipmi_sim` per server, mirrored from the server; `ipmi-chassis`.
 //! - [`faults`]: the faults the lab injects, one per row of the evidence matrix, and BMC moods.
 //! - [`control`]: the control API and its client.
 //! - [`tls`]: the lab CA and the BMCs' certificates.
@@ -17,6 +18,7 @@
 pub mod clock;
 pub mod control;
 pub mod faults;
+pub mod ipmi;
 pub mod mockup;
 pub mod os;
 pub mod power;

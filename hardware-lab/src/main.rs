@@ -31,6 +31,9 @@ enum Command {
         /// A built guest (vmlinux, initrd.gz) that the failover and backup servers boot twins from.
         #[arg(long)]
         guest: Option<PathBuf>,
+        /// No IPMI BMCs (ipmi_sim), even where the topology asks for them.
+        #[arg(long)]
+        no_ipmi: bool,
     },
     /// Inject a fault into a server of a running lab.
     Inject {
@@ -88,6 +91,20 @@ enum Command {
         #[arg(long)]
         server: Vec<String>,
     },
+    /// ipmi_sim's chassis_control program (run by ipmi_sim, not by people): `get power`,
+    /// `set power 0`, ... answered from the lab's power model through the control API.
+    #[command(hide = true)]
+    IpmiChassis {
+        /// The lab's control API.
+        #[arg(long)]
+        control_url: String,
+        /// The server.
+        #[arg(long)]
+        server: String,
+        /// What ipmi_sim appends: get power | set power 0 | ...
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Show the state of a running lab's servers.
     Status {
         /// The running lab's state directory.
@@ -108,6 +125,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // chassis_control runs per IPMI request while ipmi_sim waits: no runtime, no logging set-up.
+    if let Command::IpmiChassis {
+        control_url,
+        server,
+        args,
+    } = &cli.command
+    {
+        let code = vigil_lab::ipmi::chassis_main(control_url, server, args);
+        return ExitCode::from(code as u8);
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -130,6 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             topology,
             state_dir,
             guest,
+            no_ipmi,
         } => {
             let t = Topology::load(&topology)?;
             let guest = match guest {
@@ -145,6 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 RackOptions {
                     agents: true,
                     guest,
+                    no_ipmi,
                 },
             )?;
             let e = &rack.endpoints;
@@ -234,6 +263,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             duration,
             server,
         } => soak(&state_dir, duration, server).await,
+        Command::IpmiChassis { .. } => unreachable!("handled before the runtime starts"),
         Command::Status { state_dir, server } => {
             let e = Endpoints::load(&state_dir)?;
             let path = match &server {

@@ -92,9 +92,16 @@ pub struct Topology {
     /// The watchdog timeout the servers' OSes set (lab ms).
     #[serde(default = "default_watchdog_ms")]
     pub watchdog_timeout_ms: u64,
+    /// Whether every server also gets a real IPMI BMC (`ipmi_sim`, Debian package openipmi).
+    #[serde(default = "default_true")]
+    pub ipmi: bool,
     /// The servers.
     #[serde(rename = "server")]
     pub servers: Vec<ServerSpec>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_scale() -> f64 {
@@ -118,6 +125,8 @@ pub struct RackOptions {
     /// A built guest (vmlinux and initrd.gz, hardware-lab/guest/build.sh): the failover and
     /// backup servers boot twins from it.
     pub guest: Option<PathBuf>,
+    /// No IPMI BMCs even where the topology asks for them.
+    pub no_ipmi: bool,
 }
 
 impl Default for RackOptions {
@@ -125,6 +134,7 @@ impl Default for RackOptions {
         Self {
             agents: true,
             guest: None,
+            no_ipmi: false,
         }
     }
 }
@@ -300,6 +310,17 @@ impl Rack {
             format!("127.0.0.1:{}", l.local_addr()?.port())
         };
 
+        let control = std::net::TcpListener::bind("127.0.0.1:0")?;
+        control.set_nonblocking(true)?;
+        let control_url = format!("http://{}", control.local_addr()?);
+        let ipmi = topology.ipmi && !options.no_ipmi;
+        if ipmi && !crate::ipmi::available() {
+            bail!(
+                "the topology asks for IPMI BMCs but ipmi_sim/sdrcomp are not installed (Debian package openipmi; scripts/install-test-deps.sh installs it), or run with --no-ipmi"
+            );
+        }
+        let ipmi_dir = state_dir.join("ipmi");
+
         for spec in &topology.servers {
             let profile = profiles
                 .get(&spec.firmware_profile)
@@ -328,7 +349,9 @@ impl Rack {
                 .username
                 .clone()
                 .unwrap_or_else(|| usual_user(&profile.name).to_string());
-            let password = random_secret();
+            // 16 hex characters (64 random bits): ipmi_sim refuses longer passwords (IPMI 2.0
+            // allows 20; a 20-byte one in lan.conf makes every RAKP 2 fail).
+            let password: String = random_secret().chars().take(16).collect();
             let password_file = state_dir.join("secrets").join(format!("{}-bmc", spec.name));
             write_private(&password_file, &format!("{password}\n"))?;
             let heartbeat_key_file = state_dir.join("secrets").join(format!("{}-hb", spec.name));
@@ -379,6 +402,20 @@ impl Rack {
                 layout,
             });
             tasks.spawn(run_bmc(bmc, listener, cert.clone(), cancel.child_token()));
+            let ipmi_port = if ipmi {
+                let sim = crate::ipmi::IpmiSim::spawn(
+                    &spec.name,
+                    &ipmi_dir,
+                    &username,
+                    &password,
+                    &control_url,
+                )?;
+                let port = sim.port;
+                tasks.spawn(crate::ipmi::sync(server.clone(), sim, cancel.child_token()));
+                Some(port)
+            } else {
+                None
+            };
             eps.insert(
                 spec.name.clone(),
                 ServerEndpoints {
@@ -388,8 +425,8 @@ impl Rack {
                     redfish_url: format!("https://127.0.0.1:{port}"),
                     ca_file: ca_file.clone(),
                     fingerprint_sha256: cert.fingerprint.clone(),
-                    ipmi_host: None,
-                    ipmi_port: None,
+                    ipmi_host: ipmi_port.map(|_| "127.0.0.1".to_string()),
+                    ipmi_port,
                     username,
                     password_file,
                     heartbeat_key_file,
@@ -399,9 +436,6 @@ impl Rack {
             servers.insert(spec.name.clone(), server);
         }
 
-        let control = std::net::TcpListener::bind("127.0.0.1:0")?;
-        control.set_nonblocking(true)?;
-        let control_url = format!("http://{}", control.local_addr()?);
         let control_listener = tokio::net::TcpListener::from_std(control)?;
         let app = crate::control::router(servers.clone());
         let ctl_cancel = cancel.child_token();

@@ -746,7 +746,7 @@ pub async fn run_bmc(
             let (reachable, until) = {
                 let s = bmc.server.state();
                 (
-                    s.bmc_reachable(bmc.server.clock.now()),
+                    s.bmc_reachable(bmc.server.clock.now()) && !s.mood.redfish_down,
                     s.mood.unreachable_until,
                 )
             };
@@ -786,7 +786,7 @@ pub async fn run_bmc(
         let stop = loop {
             let reachable = {
                 let s = bmc.server.state();
-                s.bmc_reachable(bmc.server.clock.now())
+                s.bmc_reachable(bmc.server.clock.now()) && !s.mood.redfish_down
             };
             if !reachable {
                 break false;

@@ -66,6 +66,10 @@ pub struct BmcMood {
     /// The BMC is unreachable (down, rebooting, or its network cut) until this lab time
     /// (`u64::MAX`: until repaired).
     pub unreachable_until: Option<Millis>,
+    /// The Redfish service alone is down.
+    pub redfish_down: bool,
+    /// The IPMI service alone is down.
+    pub ipmi_down: bool,
     /// After a BMC reboot, PowerState is missing until this lab time (firmware with the
     /// `power-state-missing` quirk).
     pub power_state_missing_until: Option<Millis>,
@@ -622,6 +626,8 @@ impl ServerState {
             MalformedJson => self.mood.malformed_json = true,
             OversizedBody => self.mood.oversized_body = true,
             StalePowerState => self.mood.stale_power = Some(self.power.power_state()),
+            RedfishDown => self.mood.redfish_down = true,
+            IpmiDown => self.mood.ipmi_down = true,
             BmcReboot => {
                 let until = now + f.duration_ms.unwrap_or(5_000);
                 self.mood.unreachable_until = Some(until);
@@ -687,6 +693,8 @@ impl ServerState {
             MalformedJson => self.mood.malformed_json = false,
             OversizedBody => self.mood.oversized_body = false,
             StalePowerState => self.mood.stale_power = None,
+            RedfishDown => self.mood.redfish_down = false,
+            IpmiDown => self.mood.ipmi_down = false,
         }
     }
 

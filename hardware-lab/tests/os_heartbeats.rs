@@ -58,6 +58,7 @@ async fn heartbeats_follow_the_servers_faults() {
         RackOptions {
             agents: true,
             guest: None,
+            no_ipmi: true,
         },
     )
     .unwrap();

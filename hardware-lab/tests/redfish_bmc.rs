@@ -31,6 +31,7 @@ fn lab() -> Lab {
         RackOptions {
             agents: false,
             guest: None,
+            no_ipmi: true,
         },
     )
     .unwrap();

@@ -10,6 +10,7 @@
 //!
 //! Key types: [`Bmc`], [`BmcError`], [`PowerAction`], [`Depth`].
 
+pub mod ipmi;
 pub mod redfish;
 
 use std::future::Future;
@@ -133,6 +134,16 @@ pub enum BmcError {
         /// What.
         what: String,
     },
+    /// An IPMI completion code other than success.
+    #[error("{endpoint}: {what} answered IPMI completion code {cc:#04x} ({})", ipmi_cc_text(*cc))]
+    Ipmi {
+        /// The BMC.
+        endpoint: String,
+        /// What was asked.
+        what: String,
+        /// The completion code.
+        cc: u8,
+    },
     /// A secret could not be read.
     #[error("the BMC password cannot be read: {0}")]
     Secret(String),
@@ -149,11 +160,45 @@ impl BmcError {
             | BmcError::Malformed { .. }
             | BmcError::TooLarge { .. } => true,
             BmcError::Http { status, .. } => *status >= 500 || *status == 429 || *status == 409,
+            // Busy, timed out inside the BMC, response unavailable, unspecified (ipmi_sim's
+            // answer when its chassis-control program fails): worth another try.
+            BmcError::Ipmi { cc, .. } => matches!(cc, 0xc0 | 0xc3 | 0xce | 0xff),
             BmcError::Tls { .. }
             | BmcError::Auth { .. }
             | BmcError::Unsupported { .. }
             | BmcError::Secret(_) => false,
         }
+    }
+}
+
+/// What an IPMI completion code means (IPMI v2.0 §5.2), for error messages.
+pub fn ipmi_cc_text(cc: u8) -> &'static str {
+    match cc {
+        0xc0 => "node busy",
+        0xc1 => "invalid command",
+        0xc2 => "command invalid for this LUN",
+        0xc3 => "timeout while processing",
+        0xc4 => "out of space",
+        0xc5 => "reservation cancelled or invalid",
+        0xc6 => "request data truncated",
+        0xc7 => "request data length invalid",
+        0xc8 => "request data field length limit exceeded",
+        0xc9 => "parameter out of range",
+        0xca => "cannot return the number of requested bytes",
+        0xcb => "requested sensor, data or record not present",
+        0xcc => "invalid data field in request",
+        0xcd => "command illegal for this sensor or record type",
+        0xce => "response could not be provided",
+        0xcf => "duplicated request",
+        0xd0 => "SDR repository in update mode",
+        0xd1 => "device in firmware update mode",
+        0xd2 => "BMC initialization in progress",
+        0xd3 => "destination unavailable",
+        0xd4 => "insufficient privilege level",
+        0xd5 => "not supported in present state",
+        0xd6 => "sub-function disabled",
+        0xff => "unspecified error",
+        _ => "unknown completion code",
     }
 }
 
@@ -163,6 +208,9 @@ pub enum SetupError {
     /// The machine's BMC has no Redfish endpoint.
     #[error("{0} has no redfish_url")]
     NoRedfish(String),
+    /// The machine's BMC has no IPMI endpoint.
+    #[error("{0} has no ipmi_host")]
+    NoIpmi(String),
     /// The firmware profile is unknown (check-config reports this too).
     #[error("{machine}: unknown firmware profile {profile}")]
     Profile {
@@ -211,6 +259,28 @@ pub fn redfish_for(
             connect: m.policy.bmc_connect_timeout,
             request: m.policy.bmc_request_timeout,
         },
+    )?)
+}
+
+/// The IPMI driver for a configured machine.
+pub fn ipmi_for(m: &crate::config::Machine<'_>) -> Result<ipmi::IpmiBmc, SetupError> {
+    let ep = m
+        .bmc
+        .ipmi
+        .as_ref()
+        .ok_or_else(|| SetupError::NoIpmi(m.name.to_string()))?;
+    let password = m
+        .bmc
+        .password
+        .resolve()
+        .map_err(|e| BmcError::Secret(e.to_string()))?;
+    Ok(ipmi::IpmiBmc::new(
+        &ep.host,
+        ep.port,
+        ep.cipher_suite,
+        &m.bmc.username,
+        password,
+        m.policy.bmc_request_timeout,
     )?)
 }
 

@@ -78,6 +78,15 @@ fn describe(s: &BmcSnapshot) -> String {
             );
         }
     }
+    if let Some(w) = &s.watchdog {
+        let _ = write!(
+            o,
+            "\n    watchdog: {}, timeout {} ms{}",
+            if w.running { "running" } else { "stopped" },
+            w.timeout_ms,
+            if w.expired { ", EXPIRED" } else { "" }
+        );
+    }
     for g in &s.gaps {
         let _ = write!(o, "\n    not read: {g}");
     }
@@ -92,6 +101,25 @@ fn describe(s: &BmcSnapshot) -> String {
     o
 }
 
+/// One path's result: not configured, or what it read.
+type PathResult = Option<anyhow::Result<BmcSnapshot>>;
+
+fn path_json(r: &PathResult) -> serde_json::Value {
+    match r {
+        None => serde_json::Value::Null,
+        Some(Ok(s)) => serde_json::to_value(s).unwrap_or_default(),
+        Some(Err(e)) => json!({ "error": format!("{e:#}") }),
+    }
+}
+
+fn path_text(r: &PathResult) -> String {
+    match r {
+        None => "not configured".into(),
+        Some(Ok(s)) => describe(s),
+        Some(Err(e)) => format!("ERROR {e:#}"),
+    }
+}
+
 pub(super) fn run(file: &Path, names: &[String], all: bool, json_out: bool) -> anyhow::Result<u8> {
     let (cfg, profiles, _d) = config::load(file)?;
     let machines = select(&cfg, names, all)?;
@@ -99,35 +127,31 @@ pub(super) fn run(file: &Path, names: &[String], all: bool, json_out: bool) -> a
     let results = rt.block_on(probe_all(&machines, &profiles));
     let mut failed = false;
     let mut out = Vec::new();
-    for (m, r) in machines.iter().zip(results) {
-        match r {
-            Ok(snap) => {
-                if json_out {
-                    out.push(json!({ "machine": m.name, "redfish": snap, "ipmi": null }));
-                } else {
-                    println!(
-                        "{} ({})\n  redfish: {}",
-                        m.name,
-                        m.firmware_profile,
-                        describe(&snap)
-                    );
-                    println!(
-                        "  ipmi: {}",
-                        if m.bmc.ipmi.is_some() {
-                            "not read by this version"
-                        } else {
-                            "not configured"
-                        }
-                    );
-                }
-            }
-            Err(e) => {
-                failed = true;
-                if json_out {
-                    out.push(json!({ "machine": m.name, "error": e.to_string() }));
-                } else {
-                    println!("{} ({})\n  redfish: ERROR {e}", m.name, m.firmware_profile);
-                }
+    for (m, (redfish, ipmi)) in machines.iter().zip(results) {
+        // A configured path that cannot be read is a failure of the probe.
+        failed |= matches!(redfish, Some(Err(_))) || matches!(ipmi, Some(Err(_)));
+        if json_out {
+            out.push(json!({
+                "machine": m.name,
+                "firmware_profile": m.firmware_profile,
+                "redfish": path_json(&redfish),
+                "ipmi": path_json(&ipmi),
+            }));
+        } else {
+            println!(
+                "{} ({})\n  redfish: {}\n  ipmi:    {}",
+                m.name,
+                m.firmware_profile,
+                path_text(&redfish),
+                path_text(&ipmi)
+            );
+            if let (Some(Ok(r)), Some(Ok(i))) = (&redfish, &ipmi)
+                && r.power != i.power
+            {
+                println!(
+                    "  !! the paths disagree on power: redfish {:?}, ipmi {:?}",
+                    r.power, i.power
+                );
             }
         }
     }
@@ -140,12 +164,31 @@ pub(super) fn run(file: &Path, names: &[String], all: bool, json_out: bool) -> a
 async fn probe_all(
     machines: &[config::Machine<'_>],
     profiles: &ProfileSet,
-) -> Vec<anyhow::Result<BmcSnapshot>> {
+) -> Vec<(PathResult, PathResult)> {
     let futs = machines.iter().map(|m| async move {
-        let b = bmc::redfish_for(m, profiles)?;
-        let r = b.status(Depth::Full).await;
-        b.close().await;
-        Ok(r?)
+        let redfish = async {
+            match bmc::redfish_for(m, profiles) {
+                Err(bmc::SetupError::NoRedfish(_)) => None,
+                Err(e) => Some(Err(e.into())),
+                Ok(b) => {
+                    let r = b.status(Depth::Full).await;
+                    b.close().await;
+                    Some(r.map_err(anyhow::Error::from))
+                }
+            }
+        };
+        let ipmi = async {
+            match bmc::ipmi_for(m) {
+                Err(bmc::SetupError::NoIpmi(_)) => None,
+                Err(e) => Some(Err(e.into())),
+                Ok(b) => {
+                    let r = b.status(Depth::Full).await;
+                    b.close().await;
+                    Some(r.map_err(anyhow::Error::from))
+                }
+            }
+        };
+        futures_util::future::join(redfish, ipmi).await
     });
     futures_util::future::join_all(futs).await
 }
