@@ -91,7 +91,7 @@ fn a_slow_or_erring_bmc_is_still_fenced_and_a_lying_one_is_not_believed() {
     assert!(text(&o).contains("FENCE PENDING"), "{}", text(&o));
     let log = text(&vigil(&cfg, &["log", "--node", "batch1"]));
     assert!(log.contains("fence-pending"), "{log}");
-    // Redfish down (and no IPMI driver to fall back on): pending, and nothing was sent.
+    // The whole BMC down (Redfish and IPMI with it): pending, and nothing was sent.
     lab.inject("backup1", json!({"kind": "bmc-down"}));
     let o = fence(&cfg, "backup1");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -117,6 +117,39 @@ fn a_slow_or_erring_bmc_is_still_fenced_and_a_lying_one_is_not_believed() {
             && log.contains("pulled the power cords"),
         "{log}"
     );
+}
+
+#[test]
+fn with_redfish_down_the_fence_goes_through_ipmi_and_every_fence_is_cross_checked() {
+    let lab = Lab::rack4(|t| t);
+    let cfg = lab.config_path();
+    // Both paths up: Redfish fences, IPMI confirms it.
+    let o = fence(&cfg, "web1");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("redfish ForceOff"), "{}", text(&o));
+    let log = text(&vigil(&cfg, &["log", "--node", "web1", "--json"]));
+    assert!(log.contains("Ipmi also reads Off"), "{log}");
+    // Redfish crashed, IPMI answers: fenced through IPMI at once (no Redfish timeouts waited
+    // out), once.
+    lab.inject("db1", json!({"kind": "redfish-down"}));
+    let t0 = std::time::Instant::now();
+    let o = fence(&cfg, "db1");
+    let took = t0.elapsed();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("ipmi chassis power off"), "{}", text(&o));
+    assert_eq!(lab.server("db1")["power_state"], "Off");
+    assert_eq!(offs(&lab, "db1"), 1);
+    assert!(took < std::time::Duration::from_secs(15), "{took:?}");
+    let log = text(&vigil(&cfg, &["log", "--node", "db1", "--json"]));
+    assert!(log.contains("not cross-checked"), "{log}");
+    // IPMI down, Redfish up: Redfish fences; the IPMI cross-check gives no veto.
+    lab.inject("web2", json!({"kind": "ipmi-down"}));
+    let o = fence(&cfg, "web2");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("redfish ForceOff"), "{}", text(&o));
+    assert_eq!(offs(&lab, "web2"), 1);
+    let v = vigil(&cfg, &["log", "verify"]);
+    assert!(v.status.success(), "{}", text(&v));
 }
 
 #[test]

@@ -272,3 +272,40 @@ fn a_minute_of_transient_noise_gives_no_fencing_verdict() {
         w.seen.len()
     );
 }
+
+#[test]
+fn with_redfish_down_a_node_is_still_watched_and_judged_through_ipmi() {
+    let lab = Lab::rack4(fast_rack);
+    let mut w = Watch::start(&lab);
+    for n in ["db1", "web1"] {
+        w.expect(n, "healthy", Duration::from_secs(15));
+    }
+    // Only the BMC's Redfish service dies: its IPMI side still answers, so the node's
+    // out-of-band evidence is not lost.
+    lab.inject("web1", json!({"kind": "redfish-down"}));
+    std::thread::sleep(Duration::from_secs(4));
+    w.drain();
+    let web1: Vec<String> = w
+        .seen
+        .iter()
+        .filter(|v| v["node"] == "web1")
+        .map(|v| name(&v["diagnosis"]["kind"]))
+        .collect();
+    assert!(
+        web1.iter().all(|k| k == "healthy"),
+        "web1 with only Redfish down: {web1:?}"
+    );
+    // A thermal trip now is seen through IPMI alone (power off, the CPU temperature sensor
+    // and the SEL's thermal-trip record) and judged a hardware fault.
+    lab.inject("web1", json!({"kind": "thermal-trip"}));
+    let t = w.expect("web1", "hardware-fault:thermal", Duration::from_secs(8));
+    eprintln!("web1 thermal-trip through IPMI: {} ms", t.as_millis());
+    let last = w
+        .seen
+        .iter()
+        .rev()
+        .find(|v| v["node"] == "web1")
+        .unwrap()
+        .to_string();
+    assert!(last.contains("IPMI") || last.contains("ipmi"), "{last}");
+}

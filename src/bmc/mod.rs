@@ -11,6 +11,7 @@
 //! Key types: [`Bmc`], [`BmcError`], [`PowerAction`], [`Depth`].
 
 pub mod ipmi;
+pub mod paths;
 pub mod redfish;
 
 use std::future::Future;

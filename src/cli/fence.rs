@@ -47,6 +47,7 @@ pub(super) fn run(
     file: &Path,
     node: &str,
     dry_run: bool,
+    method: Option<&str>,
     ack_off: bool,
     by: Option<String>,
     reason: Option<String>,
@@ -67,17 +68,14 @@ pub(super) fn run(
         .profiles
         .get(m.firmware_profile)
         .context("unknown firmware profile")?;
-    let redfish: Option<Arc<dyn Bmc>> = match bmc::redfish_for(&m, &s.profiles) {
-        Ok(b) => Some(Arc::new(b)),
-        Err(bmc::SetupError::NoRedfish(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let plan = fencing::plan_for(
-        node,
-        redfish.clone(),
-        m.policy,
-        profile.timing.power_off_reflect,
-    );
+    let paths = bmc::paths::Paths::for_machine(&m, &s.profiles)?;
+    let mut plan = fencing::plan_for(node, &paths, m.policy, profile.timing.power_off_reflect);
+    if let Some(only) = method {
+        plan.methods.retain(|m| m.name.starts_with(only));
+        if plan.methods.is_empty() {
+            bail!("{node} has no {only} path configured");
+        }
+    }
     if dry_run {
         println!("fence plan for {node} ({}):", m.firmware_profile);
         let mut ok = true;
@@ -102,11 +100,6 @@ pub(super) fn run(
                 }
             }
         }
-        if m.bmc.ipmi.is_some() {
-            println!(
-                "  -. ipmi chassis power off: configured, but this build has no IPMI driver yet: not part of the plan"
-            );
-        }
         if plan.methods.is_empty() {
             println!("  no method: {node} cannot be fenced");
             ok = false;
@@ -124,9 +117,7 @@ pub(super) fn run(
             json!({ "verdict": "manual", "by": by }),
         )
         .await;
-        if let Some(b) = &redfish {
-            b.close().await;
-        }
+        paths.close().await;
         r
     })?;
     match outcome {
@@ -169,7 +160,8 @@ pub(super) fn power_on(file: &Path, node: &str) -> anyhow::Result<u8> {
             "{node}'s virtual twin is running: powering the node on would run both at once. Fail back instead (vigil failback), which stops the twin first"
         );
     }
-    let b = bmc::redfish_for(&m, &s.profiles)?;
+    // Whichever path answers: a repaired node's Redfish service may still be coming up.
+    let b = bmc::paths::Paths::for_machine(&m, &s.profiles)?;
     journal.append(
         Some(node),
         RecordKind::PowerOn,

@@ -139,6 +139,9 @@ pub enum Command {
         /// Show the plan and check each method's reachability and credentials; send nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Use only this path's method (redfish or ipmi), e.g. when the other is known broken.
+        #[arg(long, value_parser = ["redfish", "ipmi"])]
+        method: Option<String>,
         /// Record that you made sure the node is off (it lets a pending failover proceed).
         #[arg(long)]
         ack_off: bool,
@@ -235,10 +238,19 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             config,
             node,
             dry_run,
+            method,
             ack_off,
             by,
             reason,
-        } => fence::run(&config, &node, dry_run, ack_off, by, reason),
+        } => fence::run(
+            &config,
+            &node,
+            dry_run,
+            method.as_deref(),
+            ack_off,
+            by,
+            reason,
+        ),
         Command::PowerOn { config, node } => fence::power_on(&config, &node),
         Command::Log {
             config,

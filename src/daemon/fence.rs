@@ -9,7 +9,8 @@ use serde_json::json;
 
 use crate::bmc::{ActionOutcome, Bmc, BmcError, Depth, PowerAction};
 use crate::fencing::{
-    BUSY_PAUSE, CONFIRM_INTERVAL, CONFIRM_READS, FenceError, FenceOutcome, FencePlan, summarize,
+    BUSY_PAUSE, CONFIRM_INTERVAL, CONFIRM_READS, FenceError, FenceOutcome, FencePlan, Method,
+    summarize,
 };
 use crate::journal::{Journal, JournalError, RecordKind};
 use crate::model::PowerReading;
@@ -43,26 +44,82 @@ async fn read_power(bmc: &dyn Bmc, timeout: Duration) -> Read {
     }
 }
 
-/// Reads until `CONFIRM_READS` consecutive Off reads, or the deadline. Returns the readings.
-async fn confirm(bmc: &dyn Bmc, deadline: tokio::time::Instant) -> (bool, Vec<String>) {
+/// How a confirmation wait ended.
+struct Confirmation {
+    ok: bool,
+    reads: Vec<String>,
+    /// What the other path said when this one read Off (or why it could not tell).
+    cross: Option<String>,
+}
+
+/// Reads through `m` until `CONFIRM_READS` consecutive Off reads that the other path does not
+/// contradict, or the deadline. With `stop_on_on`, a read that says the host is on ends the
+/// wait at once (the action was surely not sent: retry it rather than wait).
+async fn confirm(m: &Method, deadline: tokio::time::Instant, stop_on_on: bool) -> Confirmation {
     let mut streak = 0;
     let mut seen = Vec::new();
+    let mut cross = None;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
-            return (false, seen);
+            return Confirmation {
+                ok: false,
+                reads: seen,
+                cross,
+            };
         }
-        match read_power(bmc, left).await {
+        match read_power(m.bmc.as_ref(), left).await {
             Read::Off => {
                 streak += 1;
                 seen.push("Off".into());
                 if streak >= CONFIRM_READS {
-                    return (true, seen);
+                    let Some(other) = &m.cross else {
+                        return Confirmation {
+                            ok: true,
+                            reads: seen,
+                            cross: None,
+                        };
+                    };
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match read_power(other.as_ref(), left.max(CONFIRM_INTERVAL)).await {
+                        Read::Off => {
+                            return Confirmation {
+                                ok: true,
+                                reads: seen,
+                                cross: Some(format!("{:?} also reads Off", other.protocol())),
+                            };
+                        }
+                        // The other path cannot answer: it gives no veto.
+                        Read::Failed(e) => {
+                            return Confirmation {
+                                ok: true,
+                                reads: seen,
+                                cross: Some(format!(
+                                    "{:?} could not be read ({e}): not cross-checked",
+                                    other.protocol()
+                                )),
+                            };
+                        }
+                        // The paths disagree: ambiguous, so not confirmed; read again.
+                        Read::NotOff(p) => {
+                            streak = 0;
+                            let note = format!("{:?} says {p:?}", other.protocol());
+                            seen.push(format!("but {note}"));
+                            cross = Some(format!("the paths disagree: {note}"));
+                        }
+                    }
                 }
             }
             Read::NotOff(p) => {
                 streak = 0;
                 seen.push(format!("{p:?}"));
+                if stop_on_on && matches!(p, PowerReading::On) {
+                    return Confirmation {
+                        ok: false,
+                        reads: seen,
+                        cross,
+                    };
+                }
             }
             Read::Failed(e) => {
                 streak = 0;
@@ -157,16 +214,20 @@ pub async fn fence(
                         + CONFIRM_INTERVAL * (CONFIRM_READS + 1))
                         .min(deadline)
                 };
-                let (ok, reads) = confirm(m.bmc.as_ref(), until).await;
-                if ok {
+                let c = confirm(m, until, false).await;
+                if c.ok {
                     let elapsed_ms = started.elapsed().as_millis() as u64;
                     log(
                         RecordKind::FenceConfirmed,
                         format!(
-                            "{node} is off (read back Off {CONFIRM_READS} times through {}; no action was needed)",
-                            m.name
+                            "{node} is off (read back Off {CONFIRM_READS} times through {}{}; no action was needed)",
+                            m.name,
+                            c.cross
+                                .as_deref()
+                                .map(|x| format!("; {x}"))
+                                .unwrap_or_default()
                         ),
-                        json!({ "method": m.name, "already_off": true, "reads": summarize(&reads), "elapsed_ms": elapsed_ms }),
+                        json!({ "method": m.name, "already_off": true, "reads": summarize(&c.reads), "cross_check": c.cross, "elapsed_ms": elapsed_ms }),
                     )?;
                     tracing::warn!(node, action = "fence", method = %m.name, elapsed_ms, "fence confirmed (already off)");
                     return Ok(FenceOutcome::Confirmed {
@@ -189,6 +250,8 @@ pub async fn fence(
             actions += 1;
             let r = tokio::time::timeout(m.timeout, m.bmc.power(PowerAction::Off)).await;
             crash_point("after-action");
+            // Nothing reached the BMC (no connection): nothing to confirm.
+            let unreachable = matches!(&r, Ok(Err(BmcError::Connect { .. })));
             let (result_text, go_on, busy) = match &r {
                 Ok(Ok(ActionOutcome::Accepted)) => ("accepted".to_string(), true, false),
                 Ok(Ok(ActionOutcome::AlreadyDone)) => ("already off".to_string(), true, false),
@@ -209,17 +272,31 @@ pub async fn fence(
                 json!({ "method": m.name, "attempt": attempt, "result": result_text }),
             )?;
             crash_point("before-confirm");
+            let last_method = std::ptr::eq(m, plan.methods.last().expect("not empty"));
+            if unreachable && !last_method {
+                // Another path may answer now: hand over at once rather than wait this one out.
+                attempts.push(format!(
+                    "{} attempt {attempt}: {result_text}; trying the next method",
+                    m.name
+                ));
+                break;
+            }
             if go_on {
-                let (ok, reads) = confirm(m.bmc.as_ref(), deadline).await;
-                if ok {
+                let c = confirm(m, deadline, unreachable).await;
+                let reads = &c.reads;
+                if c.ok {
                     let elapsed_ms = started.elapsed().as_millis() as u64;
                     log(
                         RecordKind::FenceConfirmed,
                         format!(
-                            "{node} is off: read back Off {CONFIRM_READS} times through {} after {elapsed_ms} ms",
-                            m.name
+                            "{node} is off: read back Off {CONFIRM_READS} times through {} after {elapsed_ms} ms{}",
+                            m.name,
+                            c.cross
+                                .as_deref()
+                                .map(|x| format!("; {x}"))
+                                .unwrap_or_default()
                         ),
-                        json!({ "method": m.name, "already_off": false, "reads": summarize(&reads), "elapsed_ms": elapsed_ms, "actions": actions }),
+                        json!({ "method": m.name, "already_off": false, "reads": summarize(reads), "cross_check": c.cross, "elapsed_ms": elapsed_ms, "actions": actions }),
                     )?;
                     tracing::warn!(node, action = "fence", method = %m.name, elapsed_ms, "fence confirmed");
                     return Ok(FenceOutcome::Confirmed {
@@ -232,7 +309,7 @@ pub async fn fence(
                 attempts.push(format!(
                     "{} attempt {attempt}: {result_text}; not confirmed: read {}",
                     m.name,
-                    summarize(&reads)
+                    summarize(reads)
                 ));
             } else {
                 attempts.push(format!("{} attempt {attempt}: {result_text}", m.name));

@@ -51,6 +51,8 @@ pub struct Env {
     pub journal: Arc<Mutex<Journal>>,
     /// BMC drivers by machine.
     pub bmcs: HashMap<String, Arc<dyn Bmc>>,
+    /// Each node's BMC paths (the same drivers), for fencing.
+    pub paths: HashMap<String, crate::bmc::paths::Paths>,
     /// Hypervisors by host.
     pub hypervisors: HashMap<String, Arc<dyn Hypervisor>>,
     /// Which hosts are healthy now (the monitor's verdicts).
@@ -194,9 +196,13 @@ pub async fn fence_node(
         .map(|p| p.timing.power_off_reflect)
         .unwrap_or(Duration::from_secs(10));
     let policy = node.map(|n| n.policy.clone()).unwrap_or_default();
+    let none = crate::bmc::paths::Paths {
+        redfish: None,
+        ipmi: None,
+    };
     let plan = fencing::plan_for(
         node_name,
-        env.bmcs.get(node_name).cloned(),
+        env.paths.get(node_name).unwrap_or(&none),
         &policy,
         reflect,
     );

@@ -381,6 +381,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         profiles: Arc::new(profiles),
         journal: journal.clone(),
         bmcs: src.bmcs.clone(),
+        paths: src.paths.clone(),
         hypervisors: hvs,
         host_health: Arc::new(Mutex::new(HashMap::new())),
         placed: Arc::new(Mutex::new(Vec::new())),

@@ -534,6 +534,17 @@ impl Diagnoser {
         if let Some(b) = &snap.boot {
             evidence.push(ev("boot progress", format!("{b:?}")));
         }
+        if snap.protocol == crate::model::Protocol::Ipmi {
+            // Say which path the evidence came through, and why not the usual one.
+            let why = snap.gaps.iter().find(|g| g.starts_with("redfish:"));
+            evidence.push(ev(
+                "bmc path",
+                match why {
+                    Some(g) => format!("IPMI ({g})"),
+                    None => "IPMI".to_string(),
+                },
+            ));
+        }
         if now.saturating_sub(snap_at) > self.t.poll_interval.as_millis() as Millis * 3 {
             evidence.push(ev("bmc", "last reading is old (the BMC answers errors)"));
         }

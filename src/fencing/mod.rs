@@ -1,14 +1,17 @@
 //! Fencing: make certain a node can no longer run its workload, and prove it.
 //!
-//! Overview (the rules; the executor that runs them is `daemon::fence`): a [`FencePlan`] lists the methods for a node in order (Redfish ForceOff first, then
-//! IPMI chassis power off when the node has it and this build reads IPMI), each with its own
-//! timeout and retries. `daemon::fence::fence` walks the plan. Before every action it *reads* the power
+//! Overview (the rules; the executor that runs them is `daemon::fence`): a [`FencePlan`] lists
+//! the methods for a node in order (Redfish ForceOff first, then IPMI chassis power off), each
+//! with its own timeout and retries. A method whose BMC path cannot be reached at all (nothing
+//! was sent) hands over to the next at once instead of waiting out its timeout. `daemon::fence::fence` walks the plan. Before every action it *reads* the power
 //! state: a node already off is confirmed without any action, which is also how an interrupted
 //! fence converges after a crash (the log shows the action was announced; the read shows whether
 //! it took; nothing is re-sent that is not needed). Every action is written to the fencing log and
 //! fsynced before it is sent, and again with its answer. A fence is confirmed only when the power
-//! state reads `Off` on [`CONFIRM_READS`] consecutive reads: `PoweringOff` is not off, a read
-//! error breaks the run, a stale BMC that keeps saying `On` never confirms. A "busy" refusal
+//! state reads `Off` on [`CONFIRM_READS`] consecutive reads *and* the other path, where it
+//! answers, does not say otherwise: `PoweringOff` is not off, a read error breaks the run, a
+//! stale BMC that keeps saying `On` never confirms, and two paths that disagree are ambiguous
+//! evidence, which never confirms a fence. A "busy" refusal
 //! (the firmware's 409 right after an Off, 400 during POST) is retried after a pause. When every
 //! method fails, the node is left fence-pending, logged loudly, and no failover may start until a
 //! later fence confirms it or an operator acknowledges it is off ([`ack_off`]).
@@ -44,6 +47,9 @@ pub struct Method {
     pub timeout: Duration,
     /// Attempts after the first.
     pub retries: u32,
+    /// The other path to the same BMC, read once more when this one confirms Off: an On there
+    /// means the paths disagree and the fence is not confirmed; no answer there is no veto.
+    pub cross: Option<Arc<dyn Bmc>>,
 }
 
 impl std::fmt::Debug for Method {
@@ -52,6 +58,7 @@ impl std::fmt::Debug for Method {
             .field("name", &self.name)
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
+            .field("cross", &self.cross.is_some())
             .finish()
     }
 }
@@ -153,24 +160,35 @@ pub fn ack_off(
         .map(drop)
 }
 
-/// The plan for a configured machine: Redfish ForceOff (IPMI chassis power off is listed when
-/// configured, but this build has no IPMI driver yet and says so in the plan).
+/// The plan for a configured machine: Redfish ForceOff, then IPMI chassis power off, each
+/// cross-checked on the other path.
 pub fn plan_for(
     name: &str,
-    redfish: Option<Arc<dyn Bmc>>,
+    paths: &crate::bmc::paths::Paths,
     policy: &crate::config::Policy,
     profile_off_reflect: Duration,
 ) -> FencePlan {
+    // Enough for the request, the firmware's own delay to reflect the Off, and reads.
+    let timeout = policy.bmc_request_timeout * 2
+        + profile_off_reflect
+        + CONFIRM_INTERVAL * (CONFIRM_READS + 2);
     let mut methods = Vec::new();
-    if let Some(b) = redfish {
+    if let Some(b) = &paths.redfish {
         methods.push(Method {
             name: "redfish ForceOff".into(),
-            bmc: b,
-            // Enough for the request, the firmware's own delay to reflect the Off, and reads.
-            timeout: policy.bmc_request_timeout * 2
-                + profile_off_reflect
-                + CONFIRM_INTERVAL * (CONFIRM_READS + 2),
+            bmc: b.clone(),
+            timeout,
             retries: 2,
+            cross: paths.ipmi.clone(),
+        });
+    }
+    if let Some(b) = &paths.ipmi {
+        methods.push(Method {
+            name: "ipmi chassis power off".into(),
+            bmc: b.clone(),
+            timeout,
+            retries: 2,
+            cross: paths.redfish.clone(),
         });
     }
     FencePlan {

@@ -205,8 +205,10 @@ pub struct Sources {
     pub rx: mpsc::Receiver<(String, Observation)>,
     /// Per-machine "poll faster" flags, set by the monitor.
     pub hurry: HashMap<String, Arc<Hurry>>,
-    /// The BMC drivers, shared with fencing.
+    /// Each machine's BMC, through whichever path answers (Redfish first).
     pub bmcs: HashMap<String, Arc<dyn Bmc>>,
+    /// Each machine's paths, for fencing (the same drivers, so sessions are shared).
+    pub paths: HashMap<String, bmc::paths::Paths>,
     /// Heartbeat counters.
     pub counters: Arc<Counters>,
     /// The tasks.
@@ -308,18 +310,21 @@ pub fn start_sources(
 
     let mut hurry = HashMap::new();
     let mut bmcs: HashMap<String, Arc<dyn Bmc>> = HashMap::new();
+    let mut paths = HashMap::new();
     for m in cfg.machines() {
-        if m.bmc.redfish.is_none() {
+        let p = bmc::paths::Paths::for_machine(&m, profiles)?;
+        if !p.any() {
             tracing::warn!(
                 node = m.name,
-                "no Redfish endpoint: this version reads BMCs over Redfish only; the node is watched by its heartbeat alone"
+                "no BMC path (neither redfish_url nor ipmi_host): the node is watched by its heartbeat alone and cannot be fenced"
             );
             continue;
         }
-        let b: Arc<dyn Bmc> = Arc::new(bmc::redfish_for(&m, profiles)?);
+        let b: Arc<dyn Bmc> = Arc::new(p.clone());
         let flag = Arc::new(Hurry::default());
         hurry.insert(m.name.to_string(), flag.clone());
         bmcs.insert(m.name.to_string(), b.clone());
+        paths.insert(m.name.to_string(), p);
         tasks.spawn(poll(
             m.name.to_string(),
             b,
@@ -335,6 +340,7 @@ pub fn start_sources(
         rx,
         hurry,
         bmcs,
+        paths,
         counters,
         tasks,
     })
