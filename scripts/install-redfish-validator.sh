@@ -2,7 +2,8 @@
 # Installs the DMTF Redfish Service Validator and the DMTF Redfish CSDL schemas it validates against,
 # idempotently and so that validation then runs with no network at all:
 #
-#   .venv/                          a Python venv with redfish-service-validator (rf_service_validator)
+#   .venv/                          a Python venv with redfish-service-validator (rf_service_validator),
+#                                   the DMTF redfish library it depends on, and OpenStack's sushy
 #   .cache/redfish-validator-wheels the wheels it was installed from (the venv can be rebuilt offline)
 #   .cache/redfish-csdl/*.xml       the DMTF Redfish CSDL (DSP8010 csdl/) and the SNIA Swordfish CSDL
 #                                   for --schema_directory (XCC links StoragePoolCollection, a
@@ -67,6 +68,21 @@ if ! validator_ok; then
     say "error: $VENV/bin/rf_service_validator $VALIDATOR_VERSION is still missing after the install"
     exit 1
   }
+fi
+
+# --- sushy (OpenStack's Redfish client), beside the DMTF redfish library the validator brings ---
+
+SUSHY_VERSION=5.14.0
+if ! "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("sushy") != sys.argv[1])' \
+  "$SUSHY_VERSION" 2>/dev/null; then
+  if ! "$VENV/bin/pip" install -q --disable-pip-version-check --no-index --find-links "$WHEELS" \
+    "sushy==$SUSHY_VERSION" 2>/dev/null; then
+    say "downloading sushy $SUSHY_VERSION and its dependencies into $WHEELS"
+    mkdir -p "$WHEELS"
+    "$VENV/bin/pip" download -q --disable-pip-version-check -d "$WHEELS" "sushy==$SUSHY_VERSION"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-index --find-links "$WHEELS" \
+      "sushy==$SUSHY_VERSION"
+  fi
 fi
 
 # --- the DMTF CSDL ----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 #   fence-agents:     fence_redfish and fence_ipmilan, the peers the fence benchmark compares against.
 #   openipmi:         ipmi_sim and sdrcomp, the lab's real IPMI BMCs.
 #   ipmitool:         the IPMI client the driver's readings are compared with.
-DEBIAN_PACKAGES=(systemd chromium fence-agents openipmi ipmitool)
+#   python3-venv:     the venv of the Python tools below; jq: the benchmark scripts.
+DEBIAN_PACKAGES=(systemd chromium fence-agents openipmi ipmitool python3-venv jq)
 
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do
@@ -25,6 +26,10 @@ fi
 
 # QEMU (from bookworm-backports), busybox and friends, for the virtual nodes.
 scripts/install-qemu.sh
+
+# Python tools in .venv: the DMTF Redfish Service Validator with its schemas, and two Redfish
+# clients we did not write (DMTF redfish, OpenStack sushy) that the lab must serve.
+scripts/install-redfish-validator.sh
 
 # The Rust components the checks use, and the target the guest's static agent is built for.
 for c in rustfmt clippy; do
