@@ -3,7 +3,8 @@
 # idempotently and so that validation then runs with no network at all:
 #
 #   .venv/                          a Python venv with redfish-service-validator (rf_service_validator),
-#                                   the DMTF redfish library it depends on, and OpenStack's sushy
+#                                   the DMTF redfish library it depends on, OpenStack's sushy and
+#                                   sushy-tools (its Redfish emulator)
 #   .cache/redfish-validator-wheels the wheels it was installed from (the venv can be rebuilt offline)
 #   .cache/redfish-csdl/*.xml       the DMTF Redfish CSDL (DSP8010 csdl/) and the SNIA Swordfish CSDL
 #                                   for --schema_directory (XCC links StoragePoolCollection, a
@@ -70,20 +71,21 @@ if ! validator_ok; then
   }
 fi
 
-# --- sushy (OpenStack's Redfish client), beside the DMTF redfish library the validator brings ---
+# --- OpenStack's Redfish client (sushy) and emulator (sushy-tools), peers we did not write -----
 
-SUSHY_VERSION=5.14.0
-if ! "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("sushy") != sys.argv[1])' \
-  "$SUSHY_VERSION" 2>/dev/null; then
-  if ! "$VENV/bin/pip" install -q --disable-pip-version-check --no-index --find-links "$WHEELS" \
-    "sushy==$SUSHY_VERSION" 2>/dev/null; then
-    say "downloading sushy $SUSHY_VERSION and its dependencies into $WHEELS"
-    mkdir -p "$WHEELS"
-    "$VENV/bin/pip" download -q --disable-pip-version-check -d "$WHEELS" "sushy==$SUSHY_VERSION"
-    "$VENV/bin/pip" install -q --disable-pip-version-check --no-index --find-links "$WHEELS" \
-      "sushy==$SUSHY_VERSION"
+for pkg in sushy==5.14.0 sushy-tools==2.2.0; do
+  name=${pkg%%==*} version=${pkg##*==}
+  if ! "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version(sys.argv[1]) != sys.argv[2])' \
+    "$name" "$version" 2>/dev/null; then
+    if ! "$VENV/bin/pip" install -q --disable-pip-version-check --no-index --find-links "$WHEELS" \
+      "$pkg" 2>/dev/null; then
+      say "downloading $pkg and its dependencies into $WHEELS"
+      mkdir -p "$WHEELS"
+      "$VENV/bin/pip" download -q --disable-pip-version-check -d "$WHEELS" "$pkg"
+      "$VENV/bin/pip" install -q --disable-pip-version-check --no-index --find-links "$WHEELS" "$pkg"
+    fi
   fi
-fi
+done
 
 # --- the DMTF CSDL ----------------------------------------------------------------------------
 

@@ -336,7 +336,13 @@ impl Rack {
             let mockup_name = spec
                 .mockup
                 .clone()
-                .unwrap_or_else(|| profile.mockups[0].clone());
+                .or_else(|| profile.mockups.first().cloned())
+                .with_context(|| {
+                    format!(
+                        "server {}: profile {} names no capture to seed its BMC from",
+                        spec.name, profile.name
+                    )
+                })?;
             let mockup = match mockups.get(&mockup_name) {
                 Some(m) => m.clone(),
                 None => {
