@@ -252,6 +252,16 @@ pub async fn fence(
             crash_point("after-action");
             // Nothing reached the BMC (no connection): nothing to confirm.
             let unreachable = matches!(&r, Ok(Err(BmcError::Connect { .. })));
+            // The BMC answered that it did not do it (a 4xx, an IPMI completion code): the
+            // power-off surely was not performed on this path. Supermicro refuses one for as
+            // long as the host is in POST, which for a host stuck in POST is forever.
+            let refused = matches!(
+                &r,
+                Ok(Err(BmcError::Http {
+                    status: 400..=499,
+                    ..
+                } | BmcError::Ipmi { .. }))
+            );
             let (result_text, go_on, busy) = match &r {
                 Ok(Ok(ActionOutcome::Accepted)) => ("accepted".to_string(), true, false),
                 Ok(Ok(ActionOutcome::AlreadyDone)) => ("already off".to_string(), true, false),
@@ -273,8 +283,8 @@ pub async fn fence(
             )?;
             crash_point("before-confirm");
             let last_method = std::ptr::eq(m, plan.methods.last().expect("not empty"));
-            if unreachable && !last_method {
-                // Another path may answer now: hand over at once rather than wait this one out.
+            if (unreachable || refused) && !last_method {
+                // Another path may do it now: hand over at once rather than wait this one out.
                 attempts.push(format!(
                     "{} attempt {attempt}: {result_text}; trying the next method",
                     m.name

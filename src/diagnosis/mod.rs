@@ -275,6 +275,8 @@ pub struct Diagnoser {
     samples: VecDeque<Sample>,
     log: VecDeque<(Millis, LogEntry)>,
     requested_off: Option<Millis>,
+    /// The host has read Off since that request (only then is a later On "back on").
+    requested_seen_off: bool,
     candidate: Option<Candidate>,
     changes: VecDeque<Millis>,
     /// The last sample at which the node was plainly fine (heartbeat and power on): SEL records
@@ -304,6 +306,7 @@ impl Diagnoser {
             samples: VecDeque::new(),
             log: VecDeque::new(),
             requested_off: None,
+            requested_seen_off: false,
             candidate: None,
             changes: VecDeque::new(),
             last_fine: None,
@@ -369,6 +372,7 @@ impl Diagnoser {
             }
             Observation::PowerRequested { at, on } => {
                 self.requested_off = if on { None } else { Some(at) };
+                self.requested_seen_off = false;
             }
             Observation::Bmc { at, result } => {
                 if let Ok(s) = &result {
@@ -403,9 +407,18 @@ impl Diagnoser {
                     while self.log.len() > MAX_LOG {
                         self.log.pop_front();
                     }
-                    if s.power == PowerReading::On && self.requested_off.is_some() {
-                        // Back on after a requested off: later Offs are news again.
-                        self.requested_off = None;
+                    if self.requested_off.is_some() {
+                        if s.power == PowerReading::Off {
+                            self.requested_seen_off = true;
+                        } else if s.power == PowerReading::On && self.requested_seen_off {
+                            // Back on after a requested off: later Offs are news again. (On
+                            // reads *before* the Off showed are the fence still in progress:
+                            // firmware that refuses a power-off for a while, as Supermicro's
+                            // does during POST, must not make the Off it finally takes look
+                            // like a power loss nobody asked for.)
+                            self.requested_off = None;
+                            self.requested_seen_off = false;
+                        }
                     }
                 }
                 self.samples.push_back(Sample { at, result });

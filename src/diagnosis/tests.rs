@@ -478,6 +478,37 @@ fn an_off_that_vigil_asked_for_is_not_a_fault() {
 }
 
 #[test]
+fn an_off_asked_for_stays_asked_for_while_the_firmware_refuses_it_for_a_while() {
+    // The fence is requested at 10 s; the firmware refuses the power-off for 40 s (the host
+    // reads On), then it takes: still the Off vigil asked for.
+    let mut d = Diagnoser::new(T, 0);
+    healthy_until(&mut d, 10_000);
+    d.observe(Observation::PowerRequested {
+        at: 10_000,
+        on: false,
+    });
+    for t in (10_000..50_000).step_by(1000) {
+        d.observe(bmc(t, snap(PowerReading::On)));
+    }
+    for t in (50_000..=56_000).step_by(1000) {
+        d.observe(bmc(t, snap(PowerReading::Off)));
+    }
+    assert_eq!(d.evaluate(56_000, RackView::default()).kind, Kind::Suspect);
+    // Once it has been off and comes back on, a later Off is news again.
+    for t in (57_000..=60_000).step_by(1000) {
+        d.observe(hb(t));
+        d.observe(bmc(t, snap(PowerReading::On)));
+    }
+    for t in (61_000..=70_000).step_by(1000) {
+        d.observe(bmc(t, snap(PowerReading::Off)));
+    }
+    assert_eq!(
+        d.evaluate(70_000, RackView::default()).kind,
+        Kind::HardwareFault(HardwareKind::Power)
+    );
+}
+
+#[test]
 fn an_unknown_power_state_is_ambiguous_and_never_fences() {
     let d = timeline(10_000, false, 30_000, |_| snap(PowerReading::Unknown));
     assert_eq!(d.kind, Kind::Suspect);
