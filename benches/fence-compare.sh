@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# fence-compare.sh: how long vigil takes to fence a node, next to the real fence agent
-# (fence_redfish, Debian package fence-agents) fencing the same lab BMC.
+# fence-compare.sh: how long vigil takes to fence a node, next to the real fence agents
+# (fence_redfish and fence_ipmilan, Debian package fence-agents) fencing the same lab BMC, over
+# both paths: Redfish (the lab's BMC) and IPMI (the lab's real ipmi_sim).
 #
 #   benches/fence-compare.sh [N] [SERVER...]      defaults: N=10, servers db1 backup1
 #
@@ -8,12 +9,15 @@
 # tool: powers the node on and waits until its OS runs, then times the fence from start to exit 0,
 # and checks through the lab's control API that the node really is Off. The tools run round-robin
 # so that any drift of the machine touches all of them alike. At the end it prints per server and
-# tool the median, min and max, and the ratio of each fence_redfish form to vigil.
+# tool the median, min and max, and the ratio of each agent to vigil on the same path.
 #
-# Tools (TOOLS=..., space-separated, default all three):
-#   vigil              vigil fence --config LAB/vigil.toml NODE
+# Tools (TOOLS=..., space-separated, default all six):
+#   vigil              vigil fence --config LAB/vigil.toml --method redfish NODE
 #   fence_redfish      fence_redfish with its defaults (polls power state every 1 s)
 #   fence_redfish_fast fence_redfish --stonith-status-sleep=0 --power-timeout=400 (polls back to back)
+#   vigil_ipmi         vigil fence --config LAB/vigil.toml --method ipmi NODE
+#   fence_ipmilan      fence_ipmilan --lanplus --cipher 3 with its defaults
+#   fence_ipmilan_fast fence_ipmilan ... --stonith-status-sleep=0 --power-timeout=400
 #
 # Environment: VIGIL, VIGIL_LAB (binaries; default target/debug), TOPOLOGY, TOOLS, SETTLE (seconds
 # to wait after the OS runs before fencing, default 0.5), KEEP=1 keeps the scratch folder.
@@ -29,7 +33,7 @@ SERVERS=("$@")
 VIGIL=${VIGIL:-$ROOT/target/debug/vigil}
 VIGIL_LAB=${VIGIL_LAB:-$ROOT/target/debug/vigil-lab}
 TOPOLOGY=${TOPOLOGY:-$ROOT/hardware-lab/topologies/rack4.toml}
-read -r -a TOOLS <<<"${TOOLS:-vigil fence_redfish fence_redfish_fast}"
+read -r -a TOOLS <<<"${TOOLS:-vigil fence_redfish fence_redfish_fast vigil_ipmi fence_ipmilan fence_ipmilan_fast}"
 SETTLE=${SETTLE:-0.5}
 
 die() { echo "fence-compare: $*" >&2; exit 1; }
@@ -39,11 +43,11 @@ for b in "$VIGIL" "$VIGIL_LAB"; do [ -x "$b" ] || die "$b is missing: build it f
 for c in curl jq python3; do command -v "$c" >/dev/null || die "$c is needed (apt-get install -y $c)"; done
 for t in "${TOOLS[@]}"; do
   case "$t" in
-    vigil) ;;
-    fence_redfish | fence_redfish_fast)
-      command -v fence_redfish >/dev/null ||
-        die "fence_redfish is missing: apt-get install -y --no-install-recommends fence-agents" ;;
-    *) die "unknown tool '$t' (vigil, fence_redfish, fence_redfish_fast)" ;;
+    vigil | vigil_ipmi) ;;
+    fence_redfish | fence_redfish_fast | fence_ipmilan | fence_ipmilan_fast)
+      command -v "${t%_fast}" >/dev/null ||
+        die "${t%_fast} is missing: apt-get install -y --no-install-recommends fence-agents" ;;
+    *) die "unknown tool '$t' (vigil, fence_redfish, fence_redfish_fast, vigil_ipmi, fence_ipmilan, fence_ipmilan_fast)" ;;
   esac
 done
 [ -n "${EPOCHREALTIME:-}" ] || die "bash 5 is needed (EPOCHREALTIME)"
@@ -85,11 +89,12 @@ status() { "$VIGIL_LAB" status --state-dir "$LAB" "$1" 2>/dev/null; }
 # "PowerState BootProgress os", e.g. "On OSRunning running"
 state() { status "$1" | jq -r '"\(.power_state) \(.boot_progress) \(.os)"' 2>/dev/null; }
 
-declare -A PORT USER PWFILE SYSURI
+declare -A PORT USER PWFILE SYSURI IPORT
 for s in "${SERVERS[@]}"; do
   url=$(jq -r --arg s "$s" '.servers[$s].redfish_url // empty' "$LAB/endpoints.json")
   [ -n "$url" ] || die "no server '$s' in the lab"
   PORT[$s]=${url##*:}
+  IPORT[$s]=$(jq -r --arg s "$s" '.servers[$s].ipmi_port // empty' "$LAB/endpoints.json")
   USER[$s]=$(jq -r --arg s "$s" '.servers[$s].username' "$LAB/endpoints.json")
   PWFILE[$s]=$(jq -r --arg s "$s" '.servers[$s].password_file' "$LAB/endpoints.json")
   # The system's URI, explicitly: fence_redfish's own discovery takes the *last* member of
@@ -124,7 +129,13 @@ power_on_and_wait() {
 fence_cmd() {
   local tool=$1 s=$2
   case "$tool" in
-    vigil) echo "$VIGIL" fence --config "$LAB/vigil.toml" "$s" ;;
+    vigil) echo "$VIGIL" fence --config "$LAB/vigil.toml" --method redfish "$s" ;;
+    vigil_ipmi) echo "$VIGIL" fence --config "$LAB/vigil.toml" --method ipmi "$s" ;;
+    fence_ipmilan | fence_ipmilan_fast)
+      printf '%s ' fence_ipmilan --ip 127.0.0.1 --ipport "${IPORT[$s]}" --lanplus --cipher 3 \
+        --username "${USER[$s]}" --password-script "'cat ${PWFILE[$s]}'" --action=off
+      [ "$tool" = fence_ipmilan_fast ] && printf '%s ' --stonith-status-sleep=0 --power-timeout=400
+      echo ;;
     fence_redfish | fence_redfish_fast)
       # fence_redfish has no CA-file option: --ssl verifies against the system store unless
       # python-requests is pointed at the lab CA (REQUESTS_CA_BUNDLE, set when it runs).
@@ -139,7 +150,13 @@ fence_cmd() {
 run_fence() {
   local tool=$1 s=$2
   case "$tool" in
-    vigil) "$VIGIL" fence --config "$LAB/vigil.toml" "$s" ;;
+    vigil) "$VIGIL" fence --config "$LAB/vigil.toml" --method redfish "$s" ;;
+    vigil_ipmi) "$VIGIL" fence --config "$LAB/vigil.toml" --method ipmi "$s" ;;
+    fence_ipmilan | fence_ipmilan_fast)
+      local extra=()
+      [ "$tool" = fence_ipmilan_fast ] && extra=(--stonith-status-sleep=0 --power-timeout=400)
+      fence_ipmilan --ip 127.0.0.1 --ipport "${IPORT[$s]}" --lanplus --cipher 3 \
+        --username "${USER[$s]}" --password-script "cat ${PWFILE[$s]}" --action=off "${extra[@]}" ;;
     fence_redfish | fence_redfish_fast)
       local extra=()
       [ "$tool" = fence_redfish_fast ] && extra=(--stonith-status-sleep=0 --power-timeout=400)
@@ -189,10 +206,11 @@ for line in open(path):
     else:
         bad[s, t] += 1
 print()
-print(f"{'server':<9} {'tool':<19} {'n':>3} {'failed':>6} {'median':>8} {'min':>7} {'max':>7}  vs vigil")
+print(f"{'server':<9} {'tool':<19} {'n':>3} {'failed':>6} {'median':>8} {'min':>7} {'max':>7}  vs vigil on the same path")
 for s in servers:
-    base = statistics.median(ok[s, "vigil"]) if ok[s, "vigil"] else None
     for t in tools:
+        ref = "vigil_ipmi" if "ipmi" in t else "vigil"
+        base = statistics.median(ok[s, ref]) if ok[s, ref] else None
         v = ok[s, t]
         if not v:
             print(f"{s:<9} {t:<19} {0:>3} {bad[s, t]:>6}   (no successful run)")

@@ -113,6 +113,11 @@ async fn readings_match_ipmitool_on_every_server() {
             );
         }
         assert_eq!(s.sensors.len(), 2, "{name}: {:?}", s.sensors);
+        // The rest of what an operator would ask ipmitool answers too.
+        let st = ipmitool(&c, &["chassis", "status"]);
+        assert!(st.contains("System Power         : on"), "{name}: {st}");
+        let wd = ipmitool(&c, &["mc", "watchdog", "get"]);
+        assert!(wd.contains("Watchdog Timer Use"), "{name}: {wd}");
         assert_eq!(s.psus.len(), 2, "{name}");
         b.close().await;
     }

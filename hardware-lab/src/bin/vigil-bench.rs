@@ -1,7 +1,7 @@
 //! vigil's benchmarks against the hardware lab. They print their figures; nothing here is a test.
 //!
-//! - `vigil-bench poll [--runs N]`: one Redfish status poll (fast and full), median and p99, for
-//!   every firmware profile of the lab's rack.
+//! - `vigil-bench poll [--runs N]`: one status poll (fast and full), median and p99, for every
+//!   machine of the lab's rack, over Redfish and over IPMI.
 //! - `vigil-bench detect [--runs N]`: fault to verdict, for each fault kind, p50 and p99, with
 //!   `vigil watch` judging the lab.
 //! - `vigil-bench recovery --guest DIR [--runs N]`: fault to the twin's first heartbeat with
@@ -179,43 +179,58 @@ fn poll(runs: usize) -> anyhow::Result<()> {
     let lab = Lab::start(&rack4()?, &[])?;
     let (cfg, profiles, _) = vigil::config::load(&lab.config())?;
     let rt = tokio::runtime::Runtime::new()?;
-    println!("status poll of one BMC (Redfish over HTTPS, session reused), {runs} polls each:");
     println!(
-        "{:<10} {:<13} {:>10} {:>10} {:>10} {:>10}",
-        "machine", "firmware", "fast p50", "fast p99", "full p50", "full p99"
+        "status poll of one BMC, session reused, {runs} fast polls and {} full ones each (Redfish over HTTPS to the lab's BMC; IPMI over RMCP+ suite 3 to the lab's ipmi_sim):",
+        runs / 4
     );
+    println!(
+        "{:<10} {:<13} {:<8} {:>10} {:>10} {:>10} {:>10}",
+        "machine", "firmware", "path", "fast p50", "fast p99", "full p50", "full p99"
+    );
+    let mut medians: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for m in cfg.machines() {
-        let b = vigil::bmc::redfish_for(&m, &profiles)?;
-        let (fast, full) = rt.block_on(async {
-            use vigil::bmc::{Bmc, Depth};
-            let _warm = b.status(Depth::Full).await;
-            let mut fast = Vec::new();
-            let mut full = Vec::new();
-            for _ in 0..runs {
-                let t = Instant::now();
-                let _r = b.status(Depth::Fast).await;
-                fast.push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-            for _ in 0..runs / 4 {
-                let t = Instant::now();
-                let _r = b.status(Depth::Full).await;
-                full.push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-            b.close().await;
-            (fast, full)
-        });
-        let (mut fast, mut full) = (fast, full);
+        let paths = vigil::bmc::paths::Paths::for_machine(&m, &profiles)?;
+        for (path, b) in [("redfish", paths.redfish), ("ipmi", paths.ipmi)] {
+            let Some(b) = b else { continue };
+            let (fast, full) = rt.block_on(async {
+                use vigil::bmc::Depth;
+                let _warm = b.status(Depth::Full).await;
+                let mut fast = Vec::new();
+                let mut full = Vec::new();
+                for _ in 0..runs {
+                    let t = Instant::now();
+                    let _r = b.status(Depth::Fast).await;
+                    fast.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                for _ in 0..runs / 4 {
+                    let t = Instant::now();
+                    let _r = b.status(Depth::Full).await;
+                    full.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                b.close().await;
+                (fast, full)
+            });
+            let (mut fast, mut full) = (fast, full);
+            let f50 = pct(&mut fast, 0.5);
+            medians.entry(path).or_default().push(f50);
+            println!(
+                "{:<10} {:<13} {:<8} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms",
+                m.name,
+                m.firmware_profile,
+                path,
+                f50,
+                pct(&mut fast, 0.99),
+                pct(&mut full, 0.5),
+                pct(&mut full, 0.99)
+            );
+        }
+    }
+    for (path, mut v) in medians {
         println!(
-            "{:<10} {:<13} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms",
-            m.name,
-            m.firmware_profile,
-            pct(&mut fast, 0.5),
-            pct(&mut fast, 0.99),
-            pct(&mut full, 0.5),
-            pct(&mut full, 0.99)
+            "median of the machines' fast-poll medians, {path}: {:.2} ms",
+            pct(&mut v, 0.5)
         );
     }
-    println!("(IPMI: no driver in this build yet)");
     Ok(())
 }
 
