@@ -11,7 +11,10 @@ cd "$(dirname "$0")/.."
 #   openipmi:         ipmi_sim and sdrcomp, the lab's real IPMI BMCs.
 #   ipmitool:         the IPMI client the driver's readings are compared with.
 #   python3-venv:     the venv of the Python tools below; jq: the benchmark scripts.
-DEBIAN_PACKAGES=(systemd chromium fence-agents openipmi ipmitool python3-venv jq)
+#   libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu libxml2-utils: the libvirt
+#                     driver's tests (virsh, a real libvirtd, virt-xml-validate with xmllint).
+DEBIAN_PACKAGES=(systemd chromium fence-agents openipmi ipmitool python3-venv jq
+  libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu libxml2-utils)
 
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do
@@ -26,6 +29,9 @@ fi
 
 # QEMU (from bookworm-backports), busybox and friends, for the virtual nodes.
 scripts/install-qemu.sh
+
+# What a real libvirtd needs here (users, folders, qemu.conf); the tests start their own daemon.
+scripts/install-libvirt.sh
 
 # Python tools in .venv: the DMTF Redfish Service Validator with its schemas, and two Redfish
 # clients we did not write (DMTF redfish, OpenStack sushy) that the lab must serve.

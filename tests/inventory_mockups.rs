@@ -265,14 +265,29 @@ async fn vm_specs_of_every_capture_match_their_golden_files() {
             serde_json::to_string_pretty(&serde_json::json!({ "spec": spec, "qemu_args": a }))
                 .unwrap()
                 + "\n";
-        let f = golden_dir.join(format!("vmspec-{name}.json"));
-        if update {
-            std::fs::write(&f, &got).unwrap();
-        } else if std::fs::read_to_string(&f).ok().as_deref() != Some(got.as_str()) {
-            mismatches.push(format!(
-                "{} differs (run with VIGIL_UPDATE_GOLDEN=1 and review)",
-                f.display()
-            ));
+        // The same twin for libvirt: its domain XML.
+        let xml = vigil::virt::libvirt::domain_xml(
+            &spec,
+            Path::new("/run/vigil/vms/vigil-n1-e7"),
+            &NetMode::User,
+            &id,
+        );
+        assert!(
+            !xml.contains("not-in-the-args"),
+            "{name}: the key leaked into the domain XML"
+        );
+        for (f, got) in [
+            (golden_dir.join(format!("vmspec-{name}.json")), got),
+            (golden_dir.join(format!("domain-{name}.xml")), xml),
+        ] {
+            if update {
+                std::fs::write(&f, &got).unwrap();
+            } else if std::fs::read_to_string(&f).ok().as_deref() != Some(got.as_str()) {
+                mismatches.push(format!(
+                    "{} differs (run with VIGIL_UPDATE_GOLDEN=1 and review)",
+                    f.display()
+                ));
+            }
         }
     }
     assert!(mismatches.is_empty(), "{mismatches:#?}");

@@ -4,12 +4,14 @@
 //! Overview: [`spec`] turns a hardware profile into a VM spec with a fidelity report (pure);
 //! [`Hypervisor`] is the one trait every driver implements (create, optionally paused so a
 //! failover only has to resume it; start; status; graceful then forced stop; destroy; list);
-//! [`qemu`] runs QEMU directly over QMP.
+//! [`qemu`] runs QEMU directly over QMP; [`libvirt`] renders the same spec as domain XML and
+//! drives it through `virsh` with a connect URI per host.
 //!
 //! Scope: one VM at a time. Which host takes which node is `placement`; when, the supervisor's.
 //!
 //! Key types: [`Hypervisor`], [`VmState`], [`GuestIdentity`], [`VirtError`].
 
+pub mod libvirt;
 pub mod qemu;
 pub mod qmp;
 pub mod spec;

@@ -1,0 +1,549 @@
+//! The libvirt driver: the same VM spec as domain XML, driven through `virsh` with a connect
+//! URI per host (`qemu:///system` on the failover server itself, `qemu+ssh://` or `qemu+tls://`
+//! for a remote one).
+//!
+//! Overview: [`domain_xml`] renders a [`VmSpec`] (pure, golden-tested, and validated against
+//! libvirt's own RNG schema by `virt-xml-validate` in the tests); [`LibvirtDriver`] defines,
+//! starts (optionally paused), reads back, stops (ACPI, then destroy) and undefines domains, one
+//! `virsh` invocation per step, always reading the state back after an action.
+//!
+//! Why `virsh` and not the `virt` bindings: they pin an exact `libc` that conflicts with nix
+//! (DESIGN.md). Why no XML library: the document is small and fixed, and every value goes through
+//! one escaping function.
+//!
+//! The node's identity reaches the guest as for the QEMU driver, through fw_cfg
+//! (`<sysinfo type='fwcfg'>`), the key as a *file* entry so it is never on a command line or in
+//! the domain XML. The file is written in the VM's folder on this machine: with a remote URI the
+//! same path must exist on the remote host (provisioning it there is not part of this driver).
+//!
+//! Key types: [`LibvirtDriver`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::qemu::NetMode;
+use super::spec::{Accel, BootSpec, VmSpec};
+use super::{GuestIdentity, Hypervisor, VirtError, VmState};
+use crate::bmc::BoxFuture;
+
+/// XML text and attribute escaping.
+fn x(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&apos;"),
+            // XML 1.0 has no place for other control characters: drop them.
+            c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => {}
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// The libvirt disk bus for a QEMU controller name.
+fn disk_bus(controller: &str) -> (&'static str, &'static str) {
+    match controller {
+        "ahci" => ("sata", "sda"),
+        // libvirt 9.0 has no NVMe disk bus; virtio is the closest it offers (the fidelity
+        // report already names the controller the physical node has).
+        _ => ("virtio", "vda"),
+    }
+}
+
+/// The domain XML for `spec`, its files (serial log, key, UEFI variables) in `dir`.
+pub fn domain_xml(spec: &VmSpec, dir: &Path, net: &NetMode, id: &GuestIdentity) -> String {
+    let d = |f: &str| x(&dir.join(f).display().to_string());
+    let mut o = String::new();
+    let kind = match spec.accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "qemu",
+    };
+    o.push_str(&format!("<domain type='{kind}'>\n"));
+    o.push_str(&format!("  <name>{}</name>\n", x(&spec.name)));
+    if let Some(u) = &spec.smbios_uuid {
+        o.push_str(&format!("  <uuid>{}</uuid>\n", x(u)));
+    }
+    o.push_str(&format!(
+        "  <description>vigil twin of {} (epoch {})</description>\n",
+        x(&spec.node),
+        spec.epoch
+    ));
+    o.push_str(&format!(
+        "  <memory unit='MiB'>{}</memory>\n",
+        spec.memory_mib
+    ));
+    o.push_str(&format!("  <vcpu>{}</vcpu>\n", spec.cpu.vcpus()));
+    // SMBIOS type 1: licences are often bound to these.
+    o.push_str("  <sysinfo type='smbios'>\n    <system>\n");
+    for (k, v) in [
+        ("manufacturer", &spec.smbios_manufacturer),
+        ("product", &spec.smbios_product),
+        ("serial", &spec.smbios_serial),
+        ("uuid", &spec.smbios_uuid),
+    ] {
+        if let Some(v) = v {
+            o.push_str(&format!("      <entry name='{k}'>{}</entry>\n", x(v)));
+        }
+    }
+    o.push_str("    </system>\n  </sysinfo>\n");
+    o.push_str("  <sysinfo type='fwcfg'>\n");
+    o.push_str(&format!(
+        "    <entry name='opt/vigil/node'>{}</entry>\n",
+        x(&spec.node)
+    ));
+    o.push_str(&format!(
+        "    <entry name='opt/vigil/epoch'>{}</entry>\n",
+        spec.epoch
+    ));
+    o.push_str(&format!(
+        "    <entry name='opt/vigil/appliance'>{}</entry>\n",
+        x(&id.appliance)
+    ));
+    o.push_str(&format!(
+        "    <entry name='opt/vigil/key' file='{}'/>\n",
+        d("key")
+    ));
+    o.push_str("  </sysinfo>\n");
+    o.push_str("  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n");
+    match &spec.boot {
+        BootSpec::Kernel {
+            kernel,
+            initrd,
+            append,
+        } => {
+            o.push_str(&format!("    <kernel>{}</kernel>\n", x(kernel)));
+            o.push_str(&format!("    <initrd>{}</initrd>\n", x(initrd)));
+            o.push_str(&format!("    <cmdline>{}</cmdline>\n", x(append)));
+        }
+        BootSpec::Uefi => {
+            o.push_str("    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>\n");
+            o.push_str(&format!(
+                "    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{}</nvram>\n",
+                d("OVMF_VARS.fd")
+            ));
+            o.push_str("    <boot dev='hd'/>\n");
+        }
+        BootSpec::Bios => o.push_str("    <boot dev='hd'/>\n"),
+    }
+    o.push_str("    <smbios mode='sysinfo'/>\n  </os>\n");
+    o.push_str("  <features>\n    <acpi/>\n  </features>\n");
+    if spec.cpu.model == "host" {
+        o.push_str("  <cpu mode='host-passthrough' check='none'>\n");
+    } else {
+        // The named model exactly, or no start (fallback='forbid'). check='partial', not 'full':
+        // libvirt's CPU map differs from QEMU's own model definitions (libvirt 9.0's
+        // Icelake-Server still lists vme and mpx, which QEMU 10 under TCG does not give), so a
+        // full check refuses every twin; the features the host cannot give are already
+        // disabled below, which is what the QEMU driver's `,enforce` guarantees.
+        o.push_str("  <cpu mode='custom' match='exact' check='partial'>\n");
+        o.push_str(&format!(
+            "    <model fallback='forbid'>{}</model>\n",
+            x(&spec.cpu.model)
+        ));
+    }
+    o.push_str(&format!(
+        "    <topology sockets='{}' dies='1' cores='{}' threads='{}'/>\n",
+        spec.cpu.sockets, spec.cpu.cores, spec.cpu.threads
+    ));
+    if spec.cpu.model != "host" {
+        for f in &spec.cpu.minus {
+            o.push_str(&format!(
+                "    <feature policy='disable' name='{}'/>\n",
+                x(f)
+            ));
+        }
+    }
+    o.push_str("  </cpu>\n");
+    o.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n");
+    o.push_str("  <devices>\n");
+    if let Some(disk) = &spec.disk {
+        let (bus, dev) = disk_bus(&disk.controller);
+        let src = &disk.source;
+        let source = if let Some(rest) = src.strip_prefix("rbd:") {
+            format!(
+                "<disk type='network' device='disk'>\n      <driver name='qemu' type='raw' cache='none'/>\n      <source protocol='rbd' name='{}'/>\n",
+                x(rest)
+            )
+        } else if let Some(rest) = src.strip_prefix("iscsi://") {
+            let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let (h, p) = host.split_once(':').unwrap_or((host, "3260"));
+            format!(
+                "<disk type='network' device='disk'>\n      <driver name='qemu' type='raw' cache='none'/>\n      <source protocol='iscsi' name='{}'>\n        <host name='{}' port='{}'/>\n      </source>\n",
+                x(path),
+                x(h),
+                x(p)
+            )
+        } else {
+            format!(
+                "<disk type='file' device='disk'>\n      <driver name='qemu' type='raw' cache='none'/>\n      <source file='{}'/>\n",
+                x(src)
+            )
+        };
+        o.push_str(&format!(
+            "    {source}      <target dev='{dev}' bus='{bus}'/>\n    </disk>\n"
+        ));
+    }
+    for n in &spec.nics {
+        let model = match n.model.as_str() {
+            "virtio-net-pci" => "virtio",
+            m => m,
+        };
+        match net {
+            NetMode::User => o.push_str("    <interface type='user'>\n"),
+            NetMode::Bridge(br) => o.push_str(&format!(
+                "    <interface type='bridge'>\n      <source bridge='{}'/>\n",
+                x(br)
+            )),
+        }
+        o.push_str(&format!(
+            "      <mac address='{}'/>\n      <model type='{}'/>\n    </interface>\n",
+            x(&n.mac),
+            x(model)
+        ));
+    }
+    o.push_str(&format!(
+        "    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    </serial>\n",
+        d("serial.log")
+    ));
+    // No graphics element at all: no display (`<graphics type='none'>` is newer than libvirt 9.0).
+    o.push_str(
+        "    <video>\n      <model type='none'/>\n    </video>\n    <memballoon model='none'/>\n",
+    );
+    o.push_str("  </devices>\n</domain>\n");
+    o
+}
+
+/// The CPU features a libvirt refusal names ("... does not provide required features: a, b").
+pub fn missing_features(err: &str) -> Vec<String> {
+    err.split("required features:")
+        .nth(1)
+        .map(|rest| {
+            rest.split(';')
+                .next()
+                .unwrap_or("")
+                .split(',')
+                .map(|f| f.trim().to_string())
+                .filter(|f| {
+                    !f.is_empty()
+                        && f.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The libvirt driver for one host.
+#[derive(Debug, Clone)]
+pub struct LibvirtDriver {
+    /// The connect URI (`qemu:///system`, `qemu+ssh://root@host/system`, `test:///default`).
+    pub uri: String,
+    /// Where VM folders (domain XML, key, serial log) live.
+    pub run_dir: PathBuf,
+    /// The `virsh` binary.
+    pub virsh: PathBuf,
+    /// How NICs are connected.
+    pub net: NetMode,
+    /// How long one virsh call may take.
+    pub timeout: Duration,
+}
+
+impl LibvirtDriver {
+    /// A driver for `uri` with its VM folders under `run_dir`.
+    pub fn new(uri: &str, run_dir: PathBuf, net: NetMode) -> Self {
+        LibvirtDriver {
+            uri: uri.to_string(),
+            run_dir,
+            virsh: PathBuf::from("virsh"),
+            net,
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.run_dir.join(name)
+    }
+
+    /// One virsh call: Ok(stdout) or Err(its message).
+    async fn virsh(&self, args: &[&str]) -> Result<String, String> {
+        let mut cmd = tokio::process::Command::new(&self.virsh);
+        cmd.arg("-q").arg("-c").arg(&self.uri).args(args);
+        cmd.stdin(std::process::Stdio::null());
+        cmd.kill_on_drop(true);
+        let out = match tokio::time::timeout(self.timeout, cmd.output()).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return Err(format!("virsh cannot run: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "virsh {} took more than {} s",
+                    args.first().unwrap_or(&""),
+                    self.timeout.as_secs()
+                ));
+            }
+        };
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            let e = String::from_utf8_lossy(&out.stderr);
+            Err(e
+                .lines()
+                .map(|l| l.trim_start_matches("error: ").trim())
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "))
+        }
+    }
+
+    /// Parses `virsh domstate` output.
+    pub fn parse_state(s: &str) -> VmState {
+        match s.trim() {
+            "running" => VmState::Running,
+            "paused" => VmState::Paused,
+            "shut off" => VmState::Stopped,
+            other => VmState::Other(other.to_string()),
+        }
+    }
+
+    async fn state(&self, name: &str) -> VmState {
+        match self.virsh(&["domstate", name]).await {
+            Ok(s) => Self::parse_state(&s),
+            Err(e) if e.contains("failed to get domain") || e.contains("Domain not found") => {
+                VmState::Absent
+            }
+            Err(e) => VmState::Other(format!("unreadable: {e}")),
+        }
+    }
+
+    fn refused(name: &str, reason: String) -> VirtError {
+        VirtError::Refused {
+            vm: name.to_string(),
+            reason: format!("libvirt: {reason}"),
+        }
+    }
+
+    async fn create_inner(
+        &self,
+        spec: &VmSpec,
+        id: &GuestIdentity,
+        paused: bool,
+    ) -> Result<VmState, VirtError> {
+        let name = spec.name.as_str();
+        if matches!(self.state(name).await, VmState::Running | VmState::Paused) {
+            return Err(VirtError::Exists(name.to_string()));
+        }
+        let dir = self.dir(name);
+        let io = |what: &'static str| {
+            move |e: std::io::Error| VirtError::Io {
+                vm: name.to_string(),
+                what,
+                reason: e.to_string(),
+            }
+        };
+        std::fs::create_dir_all(&dir).map_err(io("create its folder"))?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(dir.join("key"))
+                .map_err(io("write its key"))?;
+            f.write_all(id.key.expose().as_bytes())
+                .map_err(io("write its key"))?;
+        }
+        let xml_path = dir.join("domain.xml");
+        let xml = xml_path.display().to_string();
+        // libvirt's CPU map is not QEMU's: a model may need features there that this host's
+        // QEMU cannot give (libvirt 9.0's Icelake-Server lists vme, which TCG lacks). libvirt
+        // names them when it refuses to start; they are disabled too, said in the log and in
+        // the VM's folder (cpu-disabled-by-libvirt.txt), and the start is tried again, twice at
+        // most. Never a silent downgrade: what is given up is written down.
+        let mut spec = spec.clone();
+        let mut disabled: Vec<String> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            std::fs::write(&xml_path, domain_xml(&spec, &dir, &self.net, id))
+                .map_err(io("write its domain XML"))?;
+            self.virsh(&["define", &xml])
+                .await
+                .map_err(|e| Self::refused(name, e))?;
+            let mut start = vec!["start", name];
+            if paused {
+                start.push("--paused");
+            }
+            match self.virsh(&start).await {
+                Ok(_) => break,
+                Err(e) => {
+                    let _ = self.virsh(&["undefine", name, "--nvram"]).await;
+                    let missing = missing_features(&e);
+                    if attempt < 3 && !missing.is_empty() && spec.cpu.model != "host" {
+                        tracing::warn!(vm = name, features = ?missing, "libvirt's CPU model needs features this host cannot give: disabled");
+                        for f in missing {
+                            if !spec.cpu.minus.contains(&f) {
+                                spec.cpu.minus.push(f.clone());
+                                disabled.push(f);
+                            }
+                        }
+                        continue;
+                    }
+                    return Err(Self::refused(name, e));
+                }
+            }
+        }
+        if !disabled.is_empty() {
+            std::fs::write(
+                dir.join("cpu-disabled-by-libvirt.txt"),
+                disabled.join("\n") + "\n",
+            )
+            .map_err(io("write the features libvirt disabled"))?;
+        }
+        // QEMU read its fw_cfg files at start (before pausing, with --paused): the key need
+        // not stay on disk.
+        let _ = std::fs::remove_file(dir.join("key"));
+        let st = self.state(name).await;
+        match (&st, paused) {
+            (VmState::Running, false) | (VmState::Paused, true) => Ok(st),
+            _ => Err(Self::refused(
+                name,
+                format!("started, but reads back {st:?}"),
+            )),
+        }
+    }
+
+    async fn stop_inner(&self, name: &str, grace: Duration) -> Result<(), VirtError> {
+        if matches!(self.state(name).await, VmState::Absent | VmState::Stopped) {
+            return Ok(());
+        }
+        // ACPI power button first: the guest may shut down cleanly.
+        let _ = self.virsh(&["shutdown", name, "--mode", "acpi"]).await;
+        let t0 = tokio::time::Instant::now();
+        while t0.elapsed() < grace {
+            if matches!(self.state(name).await, VmState::Stopped | VmState::Absent) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let _ = self.virsh(&["destroy", name]).await;
+        match self.state(name).await {
+            VmState::Stopped | VmState::Absent => Ok(()),
+            st => Err(VirtError::NotStopped {
+                vm: name.to_string(),
+                state: format!("{st:?}"),
+            }),
+        }
+    }
+}
+
+impl Hypervisor for LibvirtDriver {
+    fn kind(&self) -> &'static str {
+        "libvirt"
+    }
+
+    fn create(
+        &self,
+        spec: &VmSpec,
+        id: &GuestIdentity,
+        paused: bool,
+    ) -> BoxFuture<'_, Result<VmState, VirtError>> {
+        let spec = spec.clone();
+        let id = id.clone();
+        Box::pin(async move { self.create_inner(&spec, &id, paused).await })
+    }
+
+    fn start(&self, name: &str) -> BoxFuture<'_, Result<VmState, VirtError>> {
+        let name = name.to_string();
+        Box::pin(async move {
+            match self.state(&name).await {
+                VmState::Paused => {
+                    self.virsh(&["resume", &name])
+                        .await
+                        .map_err(|e| Self::refused(&name, e))?;
+                }
+                VmState::Stopped => {
+                    self.virsh(&["start", &name])
+                        .await
+                        .map_err(|e| Self::refused(&name, e))?;
+                }
+                _ => {}
+            }
+            match self.state(&name).await {
+                VmState::Running => Ok(VmState::Running),
+                st => Err(Self::refused(&name, format!("reads back {st:?}"))),
+            }
+        })
+    }
+
+    fn status(&self, name: &str) -> BoxFuture<'_, VmState> {
+        let name = name.to_string();
+        Box::pin(async move { self.state(&name).await })
+    }
+
+    fn stop(&self, name: &str, grace: Duration) -> BoxFuture<'_, Result<(), VirtError>> {
+        let name = name.to_string();
+        Box::pin(async move { self.stop_inner(&name, grace).await })
+    }
+
+    fn destroy(&self, name: &str) -> BoxFuture<'_, Result<(), VirtError>> {
+        let name = name.to_string();
+        Box::pin(async move {
+            let _ = self.virsh(&["destroy", &name]).await;
+            let _ = self.virsh(&["undefine", &name, "--nvram"]).await;
+            let _ = std::fs::remove_file(self.dir(&name).join("key"));
+            match self.state(&name).await {
+                VmState::Absent => Ok(()),
+                st => Err(VirtError::NotStopped {
+                    vm: name.clone(),
+                    state: format!("{st:?}"),
+                }),
+            }
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Vec<(String, VmState)>> {
+        Box::pin(async move {
+            let names = self
+                .virsh(&["list", "--all", "--name"])
+                .await
+                .unwrap_or_default();
+            let mut out = Vec::new();
+            for n in names
+                .lines()
+                .map(str::trim)
+                .filter(|n| n.starts_with("vigil-"))
+            {
+                out.push((n.to_string(), self.state(n).await));
+            }
+            out
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_name_the_features_to_disable() {
+        assert_eq!(
+            missing_features(
+                "Failed to start domain 'x'; the CPU is incompatible with host CPU: Host CPU does not provide required features: vme, mpx"
+            ),
+            vec!["vme", "mpx"]
+        );
+        assert!(missing_features("Domain not found").is_empty());
+        // Nothing that could smuggle XML in.
+        assert!(missing_features("required features: <evil/>").is_empty());
+    }
+
+    #[test]
+    fn values_are_escaped() {
+        assert_eq!(x("a<b>&'\"\u{1}c"), "a&lt;b&gt;&amp;&apos;&quot;c");
+    }
+}
