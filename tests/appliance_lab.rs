@@ -9,112 +9,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Lab;
-use serde_json::{Value, json};
-
-/// The guest the twins boot: `target/guest`, built by scripts/test.sh.
-fn guest() -> PathBuf {
-    let g = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest");
-    assert!(
-        g.join("vmlinux").is_file() && g.join("initrd.gz").is_file(),
-        "no guest in {}: run scripts/test.sh (it builds one)",
-        g.display()
-    );
-    g
-}
-
-fn fast_rack(t: String) -> String {
-    t.replace(
-        "time_scale = 0.02",
-        "time_scale = 0.005\nwatchdog_timeout_ms = 2000",
-    )
-}
-
-/// The lab with twins enabled.
-fn lab() -> Lab {
-    let t = fast_rack(
-        std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("hardware-lab/topologies/rack4.toml"),
-        )
-        .unwrap(),
-    );
-    Lab::start_with(&t, &["--guest", guest().to_str().unwrap()])
-}
-
-/// A running `vigil run`, its output captured to a file.
-struct Appliance {
-    child: Child,
-    out: PathBuf,
-}
-
-impl Appliance {
-    fn start(lab: &Lab, tag: &str) -> Appliance {
-        let out = lab.dir.path().join(format!("vigil-{tag}.log"));
-        let f = std::fs::File::create(&out).unwrap();
-        let child = Command::new(assert_cmd::cargo::cargo_bin("vigil"))
-            .args(["run", "--config"])
-            .arg(lab.config_path())
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        Appliance { child, out }
-    }
-
-    fn kill9(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-
-    fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Appliance {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.stop();
-        }
-    }
-}
-
-/// One HTTP request to the appliance's API.
-fn api(lab: &Lab, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
-    use std::io::{Read, Write};
-    let addr = lab.endpoints["api_listen"].as_str().unwrap();
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return (0, Value::Null);
-    };
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-    let mut r = String::new();
-    let _ = s.read_to_string(&mut r);
-    let Some((head, body)) = r.split_once("\r\n\r\n") else {
-        return (0, Value::Null);
-    };
-    (
-        head.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0),
-        serde_json::from_str(body).unwrap_or(Value::Null),
-    )
-}
+use common::appliance::*;
+use serde_json::json;
 
 /// The raw server-sent events of `/api/events` while `act` runs, read until the stream carries
 /// the resume record or 10 s pass.
@@ -153,122 +54,9 @@ fn events_while(lab: &Lab, act: impl FnOnce()) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-fn state(lab: &Lab, node: &str) -> String {
-    let (_, v) = api(lab, "GET", "/api/status", None);
-    v["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|n| n["name"] == node)
-        .and_then(|n| n["state"].as_str())
-        .unwrap_or("")
-        .to_string()
-}
-
-fn wait_state(lab: &Lab, node: &str, want: &str, within: Duration) {
-    let t0 = Instant::now();
-    loop {
-        let s = state(lab, node);
-        if s == want {
-            return;
-        }
-        assert!(
-            t0.elapsed() < within,
-            "{node} never became {want} within {within:?} (now {s:?})"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn token(lab: &Lab) -> String {
-    std::fs::read_to_string(lab.state_dir().join("secrets/api-token"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-/// Live QEMU twins of `node` started by this lab's appliance (found by their process name and
-/// their folder, so parallel tests do not count each other's).
-fn twins(lab: &Lab, node: &str) -> usize {
-    let mine = lab.state_dir().display().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| {
-            c.starts_with("qemu-system")
-                && c.contains(&format!("-name vigil-{node}-e"))
-                && c.contains(&mine)
-        })
-        .count()
-}
-
-fn journal(lab: &Lab) -> Vec<vigil::journal::Record> {
-    vigil::journal::verify(&lab.state_dir().join("appliance/fencing.log")).unwrap()
-}
-
-/// Safety invariants over the fencing log: no twin started without a confirmed (or
-/// acknowledged) fence since the node's last power-on; never a power-on while a twin runs.
-fn check_log_invariants(records: &[vigil::journal::Record], node: &str) {
-    use vigil::journal::RecordKind as K;
-    let mut fenced = false;
-    let mut twin_running = false;
-    for r in records.iter().filter(|r| r.node.as_deref() == Some(node)) {
-        match r.kind {
-            K::FenceConfirmed | K::AckOff => fenced = true,
-            K::PowerOn => {
-                assert!(
-                    !twin_running,
-                    "#{}: {node} powered on while its twin runs",
-                    r.seq
-                );
-                fenced = false;
-            }
-            K::VmStart => {
-                assert!(
-                    fenced,
-                    "#{}: a twin of {node} started without a confirmed fence",
-                    r.seq
-                );
-                twin_running = true;
-            }
-            K::VmStopped | K::FailoverFailed => twin_running = false,
-            _ => {}
-        }
-    }
-}
-
-/// Stops every twin this test's lab started (by the pid files of its VM folders).
-fn stop_twins(lab: &Lab) {
-    let vms = lab.state_dir().join("appliance/vms");
-    for host in std::fs::read_dir(&vms)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-    {
-        for vm in std::fs::read_dir(host.path())
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-        {
-            if let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) {
-                let _ = Command::new("kill").arg(pid.trim()).status();
-            }
-        }
-    }
-}
-
-struct Cleanup<'a>(&'a Lab);
-
-impl Drop for Cleanup<'_> {
-    fn drop(&mut self) {
-        stop_twins(self.0);
-    }
-}
-
 #[test]
 fn a_hardware_fault_fails_over_and_back_and_the_node_never_runs_beside_its_twin() {
+    let _slot = twin_slot();
     let lab = lab();
     let _cleanup = Cleanup(&lab);
     let mut app = Appliance::start(&lab, "a");
@@ -337,6 +125,21 @@ fn a_hardware_fault_fails_over_and_back_and_the_node_never_runs_beside_its_twin(
             && pos(K::VmStopped) < pos(K::PowerOn)
             && pos(K::PowerOn) < pos(K::FailbackDone)
     );
+    // An operator fence: web2 is powered off and stays off, in maintenance, with no twin.
+    assert_eq!(api(&lab, "POST", "/api/nodes/web2/fence", None).0, 401);
+    let (code, _) = api(&lab, "POST", "/api/nodes/web2/fence", Some(&token(&lab)));
+    assert_eq!(code, 202);
+    wait_state(&lab, "web2", "maintenance", Duration::from_secs(10));
+    let t0 = Instant::now();
+    while !journal(&lab)
+        .iter()
+        .any(|r| r.node.as_deref() == Some("web2") && r.kind == K::FenceConfirmed)
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "web2 never fenced");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lab.server("web2")["power_state"], "Off");
+    assert_eq!(twins(&lab, "web2"), 0);
     // The metrics saw it.
     let m = {
         use std::io::{Read, Write};
@@ -352,6 +155,14 @@ fn a_hardware_fault_fails_over_and_back_and_the_node_never_runs_beside_its_twin(
         r
     };
     assert!(m.contains("vigil_recovery_seconds_count 1"), "{m}");
+    // BMC latency per node and path, as a histogram.
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("vigil_bmc_request_seconds_count{")
+                && l.contains("node=\"web2\"")
+                && l.contains("protocol=\"redfish\"")),
+        "{m}"
+    );
     assert!(
         m.contains("vigil_node_state{node=\"db1\",state=\"healthy\"} 1"),
         "{m}"
@@ -417,6 +228,7 @@ fn secrets_never_leak(lab: &Lab, logs: &[PathBuf]) {
 
 #[test]
 fn kill_dash_nine_at_random_moments_of_failovers_converges_safely() {
+    let _slot = twin_slot();
     let lab = lab();
     let _cleanup = Cleanup(&lab);
     let token = token(&lab);
@@ -456,8 +268,9 @@ fn kill_dash_nine_at_random_moments_of_failovers_converges_safely() {
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
-                "round {round}: {node}'s failover did not complete after the restart (state {:?})",
-                state(&lab, node)
+                "round {round}: {node}'s failover did not complete after the restart (state {:?})\n{}",
+                state(&lab, node),
+                explain(&lab, node, &app.out)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -596,6 +409,7 @@ fn sighup_keeps_the_old_configuration_when_the_new_one_is_invalid() {
 /// timeline, drawn.
 #[test]
 fn the_operator_page_shows_the_rack_and_draws_the_failover() {
+    let _slot = twin_slot();
     let lab = lab();
     let _cleanup = Cleanup(&lab);
     let mut app = Appliance::start(&lab, "page");
@@ -655,5 +469,71 @@ fn the_operator_page_shows_the_rack_and_draws_the_failover() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    app.stop();
+}
+
+#[test]
+fn a_twin_that_dies_is_stopped_and_replaced_on_the_backup_server() {
+    let _slot = twin_slot();
+    let lab = lab();
+    let _cleanup = Cleanup(&lab);
+    let mut app = Appliance::start(&lab, "twin-lost");
+    wait_state(&lab, "web1", "healthy", Duration::from_secs(30));
+    lab.inject("web1", json!({"kind": "power-loss"}));
+    wait_state(&lab, "web1", "running-virtual", Duration::from_secs(40));
+    // The twin's QEMU dies (kill -9 by the pid it wrote), on a healthy failover server.
+    let pidfile = lab
+        .state_dir()
+        .join("appliance/vms/failover1/vigil-web1-e1/qemu.pid");
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // vigil notices, replaces it on the backup server, and the replacement heartbeats.
+    let t0 = Instant::now();
+    let placed_on_backup = loop {
+        let recs = journal(&lab);
+        let lost = recs.iter().position(|r| {
+            r.node.as_deref() == Some("web1") && r.kind == vigil::journal::RecordKind::TwinLost
+        });
+        if let Some(i) = lost {
+            let after = &recs[i..];
+            let placement = after.iter().find(|r| {
+                r.node.as_deref() == Some("web1") && r.kind == vigil::journal::RecordKind::Placement
+            });
+            let beat = after.iter().any(|r| {
+                r.node.as_deref() == Some("web1")
+                    && r.kind == vigil::journal::RecordKind::VmHeartbeat
+            });
+            if let (Some(p), true) = (placement, beat) {
+                break p.detail["host"].as_str().unwrap_or("").to_string();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "web1's twin was not replaced\n{}",
+            explain(&lab, "web1", &app.out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(placed_on_backup, "backup1");
+    wait_state(&lab, "web1", "running-virtual", Duration::from_secs(10));
+    assert_eq!(twins(&lab, "web1"), 1);
+    check_log_invariants(&journal(&lab), "web1");
+    // Failback from the replacement.
+    lab.repair("web1");
+    let t = token(&lab);
+    let t0 = Instant::now();
+    while api(&lab, "POST", "/api/nodes/web1/failback", Some(&t)).0 != 202 {
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_state(&lab, "web1", "healthy", Duration::from_secs(90));
+    assert_eq!(twins(&lab, "web1"), 0);
+    check_log_invariants(&journal(&lab), "web1");
     app.stop();
 }

@@ -7,6 +7,7 @@
 //! - [`server`]: one simulated server: power model, faults, SEL, the BMC's sessions and moods.
 //! - [`power`]: the pure power and boot model (PoweringOff before Off, POST stages).
 //! - [`redfish`]: the Redfish BMC (HTTPS, sessions, reset with the firmware's quirks).
+//! - [`scenario`]: scenario files (timeline of faults, expected verdicts and outcome).
 //! - [`mockup`]: real Redfish captures the BMCs are seeded from.
 //! - [`os`]: the simulated OS: the real `vigil agent`, a heartbeat relay, the watchdog channel.
 //! - [`ipmi`]: one real `ipmi_sim` per server, mirrored from the server; `ipmi-chassis`.
@@ -24,5 +25,6 @@ pub mod os;
 pub mod power;
 pub mod rack;
 pub mod redfish;
+pub mod scenario;
 pub mod server;
 pub mod tls;

@@ -105,6 +105,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Check the scenario files (hardware-lab/scenarios/*.toml) and list them.
+    Scenarios,
     /// Show the state of a running lab's servers.
     Status {
         /// The running lab's state directory.
@@ -264,6 +266,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server,
         } => soak(&state_dir, duration, server).await,
         Command::IpmiChassis { .. } => unreachable!("handled before the runtime starts"),
+        Command::Scenarios => {
+            let all = vigil_lab::scenario::Scenario::all()?;
+            for s in &all {
+                for e in &s.expect {
+                    println!(
+                        "{:<22} {:<8} {:<34} within {:<5} then {:?}",
+                        s.name, e.node, e.verdict, e.within, e.outcome
+                    );
+                }
+            }
+            println!("{} scenarios, all valid", all.len());
+            Ok(())
+        }
         Command::Status { state_dir, server } => {
             let e = Endpoints::load(&state_dir)?;
             let path = match &server {

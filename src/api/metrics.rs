@@ -31,6 +31,11 @@ struct NodeVerdict {
     verdict: String,
 }
 
+/// 0.5 ms to about 2 s: a BMC request on a management network.
+fn request_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 13))
+}
+
 fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.1, 2.0, 12))
 }
@@ -42,6 +47,7 @@ pub struct Metrics {
     state: Family<NodeState, Gauge>,
     verdicts: Family<NodeVerdict, Counter>,
     bmc_errors: Family<NodeProto, Counter>,
+    bmc_latency: Family<NodeProto, Histogram>,
     refused: Gauge,
     detection: Histogram,
     fence: Histogram,
@@ -64,6 +70,9 @@ impl Metrics {
         let state = Family::<NodeState, Gauge>::default();
         let verdicts = Family::<NodeVerdict, Counter>::default();
         let bmc_errors = Family::<NodeProto, Counter>::default();
+        let bmc_latency = Family::<NodeProto, Histogram>::new_with_constructor(
+            request_seconds as fn() -> Histogram,
+        );
         let refused = Gauge::default();
         let (detection, fence, boot, recovery) = (seconds(), seconds(), seconds(), seconds());
         registry.register(
@@ -78,8 +87,13 @@ impl Metrics {
         );
         registry.register(
             "bmc_errors",
-            "Failed BMC reads by node and protocol",
+            "Failed BMC requests (status reads, power actions) by node and protocol",
             bmc_errors.clone(),
+        );
+        registry.register(
+            "bmc_request_seconds",
+            "BMC request latency (a whole status read or power action) by node and protocol",
+            bmc_latency.clone(),
         );
         registry.register(
             "heartbeats_refused",
@@ -111,6 +125,7 @@ impl Metrics {
             state,
             verdicts,
             bmc_errors,
+            bmc_latency,
             refused,
             detection,
             fence,
@@ -133,14 +148,28 @@ impl Metrics {
         }
     }
 
-    /// A BMC read failed.
-    pub fn bmc_error(&self, node: &str) {
-        self.bmc_errors
-            .get_or_create(&NodeProto {
-                node: node.into(),
-                protocol: "redfish".into(),
-            })
-            .inc();
+    /// A BMC request through one path ended.
+    pub fn bmc_request(
+        &self,
+        node: &str,
+        protocol: crate::model::Protocol,
+        took: std::time::Duration,
+        ok: bool,
+    ) {
+        let key = NodeProto {
+            node: node.into(),
+            protocol: match protocol {
+                crate::model::Protocol::Redfish => "redfish",
+                crate::model::Protocol::Ipmi => "ipmi",
+            }
+            .into(),
+        };
+        self.bmc_latency
+            .get_or_create(&key)
+            .observe(took.as_secs_f64());
+        if !ok {
+            self.bmc_errors.get_or_create(&key).inc();
+        }
     }
 
     /// A fencing-log record was written.

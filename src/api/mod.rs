@@ -265,6 +265,14 @@ pub async fn serve(
                 ),
             )
             .route(
+                "/api/nodes/{node}/fence",
+                post(
+                    |State(a): State<App>, h: HeaderMap, Path(n): Path<String>| async move {
+                        send(&a, &h, Command::Fence(n)).await
+                    },
+                ),
+            )
+            .route(
                 "/api/nodes/{node}/failback",
                 post(
                     |State(a): State<App>, h: HeaderMap, Path(n): Path<String>| async move {

@@ -10,9 +10,14 @@
 //! Key types: [`Paths`].
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::{ActionOutcome, Bmc, BmcError, BoxFuture, Depth, PowerAction, SetupError};
 use crate::model::{BmcSnapshot, HardwareProfile, Protocol};
+
+/// Told of every status read and power action through a path: the node, the path, how long it
+/// took and whether it succeeded (the appliance's BMC latency and error metrics).
+pub type Observer = Arc<dyn Fn(&str, Protocol, Duration, bool) + Send + Sync>;
 
 /// A machine's BMC paths.
 #[derive(Clone)]
@@ -21,6 +26,8 @@ pub struct Paths {
     pub redfish: Option<Arc<dyn Bmc>>,
     /// IPMI, when configured.
     pub ipmi: Option<Arc<dyn Bmc>>,
+    /// Who is told of each request, with the node's name.
+    pub observer: Option<(String, Observer)>,
 }
 
 impl std::fmt::Debug for Paths {
@@ -28,6 +35,7 @@ impl std::fmt::Debug for Paths {
         f.debug_struct("Paths")
             .field("redfish", &self.redfish.is_some())
             .field("ipmi", &self.ipmi.is_some())
+            .field("observed", &self.observer.is_some())
             .finish()
     }
 }
@@ -48,7 +56,31 @@ impl Paths {
             Err(SetupError::NoIpmi(_)) => None,
             Err(e) => return Err(e),
         };
-        Ok(Paths { redfish, ipmi })
+        Ok(Paths {
+            redfish,
+            ipmi,
+            observer: None,
+        })
+    }
+
+    /// The same paths, each request reported to `observer` under `node`.
+    pub fn observed(mut self, node: &str, observer: Observer) -> Self {
+        self.observer = Some((node.to_string(), observer));
+        self
+    }
+
+    /// Times `f` on `b` and reports it.
+    async fn timed<T>(
+        &self,
+        b: &Arc<dyn Bmc>,
+        f: impl std::future::Future<Output = Result<T, BmcError>>,
+    ) -> Result<T, BmcError> {
+        let t0 = Instant::now();
+        let r = f.await;
+        if let Some((node, obs)) = &self.observer {
+            obs(node, b.protocol(), t0.elapsed(), r.is_ok());
+        }
+        r
     }
 
     /// Whether any path is configured.
@@ -82,12 +114,12 @@ impl Bmc for Paths {
             let Some(first) = self.first() else {
                 return Err(self.none());
             };
-            let e = match first.status(depth).await {
+            let e = match self.timed(first, first.status(depth)).await {
                 Ok(s) => return Ok(s),
                 Err(e) => e,
             };
             match (&self.redfish, &self.ipmi) {
-                (Some(_), Some(ipmi)) => match ipmi.status(depth).await {
+                (Some(_), Some(ipmi)) => match self.timed(ipmi, ipmi.status(depth)).await {
                     Ok(mut s) => {
                         s.gaps
                             .insert(0, format!("redfish: {e}; read over IPMI instead"));
@@ -106,14 +138,16 @@ impl Bmc for Paths {
             let Some(first) = self.first() else {
                 return Err(self.none());
             };
-            let e = match first.power(action).await {
+            let e = match self.timed(first, first.power(action)).await {
                 Ok(o) => return Ok(o),
                 Err(e) => e,
             };
             // Only a path that could not be reached at all is replaced by the other: the
             // action surely was not sent, so sending it on the other path is no double action.
             match (&self.redfish, &self.ipmi, &e) {
-                (Some(_), Some(ipmi), BmcError::Connect { .. }) => ipmi.power(action).await,
+                (Some(_), Some(ipmi), BmcError::Connect { .. }) => {
+                    self.timed(ipmi, ipmi.power(action)).await
+                }
                 _ => Err(e),
             }
         })

@@ -58,7 +58,7 @@ pub(super) fn run(
     rt.block_on(async move {
         let clock = Clock::start();
         let cancel = tokio_util::sync::CancellationToken::new();
-        let mut src = monitor::start_sources(&cfg, &profiles, clock, &cancel)?;
+        let mut src = monitor::start_sources(&cfg, &profiles, clock, &cancel, None)?;
         let mut mon = Monitor::new(&cfg, &src.hurry, clock.now());
         eprintln!(
             "watching {} machines (observe mode: vigil never acts here); heartbeats on {}",

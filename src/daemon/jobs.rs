@@ -59,6 +59,8 @@ pub struct Env {
     pub host_health: Arc<Mutex<HashMap<String, bool>>>,
     /// Twins and where they run.
     pub placed: Arc<Mutex<Vec<Placed>>>,
+    /// Per node, a host its twin died on: the replacement goes elsewhere (cleared on failback).
+    pub avoid: Arc<Mutex<HashMap<String, String>>>,
     /// Twins' heartbeats.
     pub twins: broadcast::Sender<TwinBeat>,
     /// Physical nodes' heartbeat arrivals (node, at), for failback.
@@ -187,7 +189,7 @@ pub fn spec_inputs(node: &NodeConfig, epoch: u64, kernel: Option<BootSpec>) -> s
 pub async fn fence_node(
     env: &Env,
     node_name: &str,
-    epoch: u64,
+    epoch: Option<u64>,
     verdict: &str,
 ) -> Result<FenceOutcome, fencing::FenceError> {
     let node = env.cfg.node(node_name);
@@ -199,6 +201,7 @@ pub async fn fence_node(
     let none = crate::bmc::paths::Paths {
         redfish: None,
         ipmi: None,
+        observer: None,
     };
     let plan = fencing::plan_for(
         node_name,
@@ -207,13 +210,7 @@ pub async fn fence_node(
         reflect,
     );
     let _ = env.power_requested.send((node_name.to_string(), false));
-    crate::daemon::fence::fence(
-        &plan,
-        &env.journal,
-        Some(epoch),
-        json!({ "verdict": verdict }),
-    )
-    .await
+    crate::daemon::fence::fence(&plan, &env.journal, epoch, json!({ "verdict": verdict })).await
 }
 
 /// Runs a failover of `node` for `epoch`. Returns the host its twin runs on.
@@ -241,7 +238,7 @@ pub async fn failover(
             format!("failover of {node_name} begins (epoch {epoch}): {why}"),
             json!({ "why": why }),
         )?;
-        match fence_node(env, node_name, epoch, why).await {
+        match fence_node(env, node_name, Some(epoch), why).await {
             Ok(FenceOutcome::Confirmed { .. }) => {}
             Ok(FenceOutcome::Pending { .. }) => return Err(JobEnd::FencePending),
             Err(e) => return Err(JobEnd::Stalled(e.to_string())),
@@ -266,9 +263,17 @@ pub async fn failover(
                 continue;
             };
             let live = matches!(state, VmState::Running | VmState::Paused);
+            // A twin that is neither live nor gone (crashed, hung, not answering) is stopped
+            // too, whatever its epoch: a replacement never starts beside what is left of it.
+            let leftover = matches!(state, VmState::Other(_));
+            if state == VmState::Stopped {
+                // A dead twin (its process gone): clear it away, it runs nothing.
+                let _ = hv.destroy(&vm).await;
+                continue;
+            }
             if e == epoch && live {
                 adopted = Some(host.clone());
-            } else if live {
+            } else if live || leftover {
                 hv.stop(&vm, STOP_GRACE).await.map_err(|e| {
                     JobEnd::Stalled(format!("a stale twin ({vm}) would not stop: {e}"))
                 })?;
@@ -304,7 +309,19 @@ pub async fn failover(
         Some(h) => h,
         None => {
             let placed = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            match placement::choose(&req, &env.host_views(), &placed) {
+            let mut views = env.host_views();
+            if let Some(bad) = env
+                .avoid
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(node_name)
+            {
+                // The host this node's twin died on counts as unhealthy for its replacement.
+                for v in views.iter_mut().filter(|v| &v.name == bad) {
+                    v.healthy = false;
+                }
+            }
+            match placement::choose(&req, &views, &placed) {
                 Ok(Decision::Place { host } | Decision::AlreadyPlaced { host }) => host,
                 Err(refusal) => {
                     env.log(

@@ -32,6 +32,7 @@ use crate::config::{self, Config, HypervisorDriver};
 use crate::daemon::jobs::{self, Env, JobEnd};
 use crate::diagnosis::{Diagnosis, Kind, Observation};
 use crate::journal::{Journal, Record, RecordKind};
+use crate::model::Millis;
 use crate::monitor::{self, Monitor};
 use crate::supervisor::fsm::{Action, Deadlines, Input, Node, Phase, Physical, Rack, Step};
 use crate::virt::qemu::{NetMode, QemuDriver, probe_accel};
@@ -58,6 +59,8 @@ pub enum Command {
     Failover(String),
     /// Fail back now.
     Failback(String),
+    /// Fence now and leave the node off, in maintenance (no failover).
+    Fence(String),
     /// The node is off, on an operator's word.
     AckOff {
         /// The node.
@@ -130,8 +133,11 @@ pub struct Shared {
     /// Commands to the loop.
     pub commands: mpsc::Sender<Command>,
     /// Metrics.
-    pub metrics: crate::api::metrics::Metrics,
+    pub metrics: Arc<crate::api::metrics::Metrics>,
 }
+
+/// How often each running twin's state is read back from its hypervisor.
+const TWIN_CHECK: Duration = Duration::from_secs(2);
 
 /// What a job reports back.
 #[derive(Debug)]
@@ -140,6 +146,8 @@ enum JobResult {
     Failover(String, Result<String, JobEnd>),
     Failback(String, Result<(), String>),
     Other(String, Result<(), String>),
+    /// A running twin read back as not running: (node, epoch, host, what it read).
+    TwinLost(String, u64, String, String),
 }
 
 /// Append one record to the fencing log. The journal's listener (set in `run`) forwards it to
@@ -294,7 +302,14 @@ fn hypervisors(cfg: &Config, opts: &Options) -> HashMap<String, Arc<dyn Hypervis
                 );
             }
             HypervisorDriver::Libvirt => {
-                tracing::warn!(host = %h.name, "the libvirt driver is not in this build: this host takes no twins");
+                out.insert(
+                    h.name.clone(),
+                    Arc::new(crate::virt::libvirt::LibvirtDriver::new(
+                        &h.uri,
+                        cfg.appliance.state_dir.join("vms").join(&h.name),
+                        NetMode::User,
+                    )),
+                );
             }
         }
     }
@@ -369,7 +384,12 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         json!({ "recovered": notes }),
     );
 
-    let mut src = monitor::start_sources(&cfg, &profiles, clock, &cancel)?;
+    let metrics = Arc::new(crate::api::metrics::Metrics::new());
+    let observer: crate::bmc::paths::Observer = {
+        let m = metrics.clone();
+        Arc::new(move |node, protocol, took, ok| m.bmc_request(node, protocol, took, ok))
+    };
+    let mut src = monitor::start_sources(&cfg, &profiles, clock, &cancel, Some(observer))?;
     let mut mon = Monitor::new(&cfg, &src.hurry, clock.now());
     let mut rack = Rack::new(nodes, last_epoch);
     let mut policy = cfg.policy.clone();
@@ -385,6 +405,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         hypervisors: hvs,
         host_health: Arc::new(Mutex::new(HashMap::new())),
         placed: Arc::new(Mutex::new(Vec::new())),
+        avoid: Arc::new(Mutex::new(HashMap::new())),
         twins: src.twins.clone(),
         returns: returns.clone(),
         clock,
@@ -397,7 +418,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         status: RwLock::new(Status::default()),
         events: events.clone(),
         commands: ctx,
-        metrics: crate::api::metrics::Metrics::new(),
+        metrics,
     });
     let api_task = crate::api::serve(cfg.clone(), shared.clone(), cancel.child_token()).await?;
 
@@ -424,6 +445,8 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let machines = cfg.machines().count();
     let mut ready = false;
     let mut tick = tokio::time::interval(monitor::TICK);
+    let mut last_twin_check: Millis = 0;
+    let mut twin_checks: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let deadline = opts.stop_after.map(|d| tokio::time::Instant::now() + d);
@@ -454,10 +477,9 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     let _listeners = returns.send((node.clone(), *at));
                 }
                 if let Observation::Bmc { result, at } = &obs {
-                    match result {
-                        Ok(s) if s.full => { first_full.insert(node.clone()); }
-                        Err(_) => shared.metrics.bmc_error(&node),
-                        _ => {}
+                    // (Latency and errors per path are counted by the paths' observer.)
+                    if let Ok(s) = result && s.full {
+                        first_full.insert(node.clone());
                     }
                     let _ = at;
                 }
@@ -473,11 +495,27 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     JobResult::Failover(n, Ok(host)) => (n, Input::FailoverDone { host }),
                     JobResult::Failover(n, Err(JobEnd::FencePending)) => (n, Input::FencePending),
                     JobResult::Failover(n, Err(JobEnd::Stalled(reason))) => (n, Input::FailoverStalled { reason }),
-                    JobResult::Failback(n, Ok(())) => (n, Input::FailbackDone),
+                    JobResult::Failback(n, Ok(())) => {
+                        env.avoid.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+                        (n, Input::FailbackDone)
+                    }
                     JobResult::Failback(n, Err(reason)) => (n, Input::FailbackFailed { reason }),
                     JobResult::Other(n, r) => {
                         if let Err(e) = r { tracing::error!(node = %n, error = %e, "job failed"); }
                         continue;
+                    }
+                    JobResult::TwinLost(n, epoch, host, read) => {
+                        twin_checks.remove(&n);
+                        // Only if it is still that twin that is supposed to run.
+                        let current = matches!(rack.nodes.get(&n).map(|x| &x.phase), Some(Phase::RunningVirtual { epoch: e, .. }) if *e == epoch);
+                        if !current || read.is_empty() {
+                            continue;
+                        }
+                        tracing::error!(node = %n, epoch, host = %host, state = %read, "the twin is not running: it is stopped and replaced on another host");
+                        append(&journal, Some(&n), RecordKind::TwinLost, Some(epoch), format!("{n}'s twin on {host} reads back {read}: it is stopped and replaced on another host"), json!({ "host": host, "state": read }));
+                        env.placed.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| p.node != n);
+                        env.avoid.lock().unwrap_or_else(|p| p.into_inner()).insert(n.clone(), host.clone());
+                        (n, Input::TwinLost { reason: format!("twin on {host} reads back {read}") })
                     }
                 };
                 if let Some(x) = rack.nodes.get_mut(&node) {
@@ -496,6 +534,26 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     }
                     Command::Failover(n) => pending.extend(act(&n, Input::FailoverNow, &mut rack)),
                     Command::Failback(n) => pending.extend(act(&n, Input::FailbackNow, &mut rack)),
+                    Command::Fence(n) => {
+                        // Only a node nothing else acts on: one action per node at a time.
+                        let idle = matches!(rack.nodes.get(&n).map(|x| &x.phase), Some(Phase::Watching | Phase::Maintenance));
+                        if idle {
+                            append(&journal, Some(&n), RecordKind::Operator, None, format!("{n}: fence requested by an operator; it goes to maintenance, so automation leaves it off (no failover)"), serde_json::Value::Null);
+                            pending.extend(act(&n, Input::Maintenance(true), &mut rack));
+                            let env = env.clone();
+                            let jtx = jtx.clone();
+                            jobs.spawn(async move {
+                                let r = match jobs::fence_node(&env, &n, None, "operator").await {
+                                    Ok(crate::fencing::FenceOutcome::Confirmed { .. }) => Ok(()),
+                                    Ok(crate::fencing::FenceOutcome::Pending { .. }) => Err("fence pending: not confirmed off".to_string()),
+                                    Err(e) => Err(e.to_string()),
+                                };
+                                let _ = jtx.send(JobResult::Other(n, r));
+                            });
+                        } else {
+                            append(&journal, Some(&n), RecordKind::Refusal, None, format!("{n}: operator fence refused: the node is busy (a failover or failback is in progress, or it runs virtual); put it in maintenance when that is done"), serde_json::Value::Null);
+                        }
+                    }
                     Command::AckOff { node, by, reason } => {
                         let epoch = match rack.nodes.get(&node).map(|x| &x.phase) { Some(Phase::FencePending { epoch }) => Some(*epoch), _ => None };
                         if let Err(e) = crate::fencing::ack_off(&journal, &node, &by, &reason, epoch) {
@@ -506,7 +564,30 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     }
                 }
             }
-            _ = tick.tick() => {}
+            _ = tick.tick() => {
+                // Twins are watched like nodes: every TWIN_CHECK, each running twin's state is
+                // read back from its hypervisor (one check in flight per node).
+                let now = clock.now();
+                if now.saturating_sub(last_twin_check) >= TWIN_CHECK.as_millis() as Millis {
+                    last_twin_check = now;
+                    for (n, x) in &rack.nodes {
+                        let Phase::RunningVirtual { epoch, host, .. } = &x.phase else { continue };
+                        let Some(hv) = env.hypervisors.get(host).cloned() else { continue };
+                        if !twin_checks.insert(n.clone()) {
+                            continue;
+                        }
+                        let (n, epoch, host, jtx) = (n.clone(), *epoch, host.clone(), jtx.clone());
+                        jobs.spawn(async move {
+                            let st = hv.status(&format!("vigil-{n}-e{epoch}")).await;
+                            let read = match st {
+                                VmState::Running => String::new(),
+                                other => format!("{other:?}"),
+                            };
+                            let _ = jtx.send(JobResult::TwinLost(n, epoch, host, read));
+                        });
+                    }
+                }
+            }
         }
         // Every pass: verdicts to the log and the machines, the gate, the actions.
         let now = clock.now();
@@ -600,7 +681,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         serde_json::Value::Null,
                     );
                     jobs.spawn(async move {
-                        let r = jobs::fence_node(&env, &node, epoch, "twin running")
+                        let r = jobs::fence_node(&env, &node, Some(epoch), "twin running")
                             .await
                             .map(drop)
                             .map_err(|e| e.to_string());

@@ -72,6 +72,8 @@ pub enum RecordKind {
     Operator,
     /// Nothing was done, and why (storm guard, appliance isolated, observe mode).
     Refusal,
+    /// A running twin was found dead or hung: it is stopped and replaced on another host.
+    TwinLost,
 }
 
 /// One record.

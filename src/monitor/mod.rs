@@ -254,6 +254,7 @@ pub fn start_sources(
     profiles: &ProfileSet,
     clock: Clock,
     cancel: &CancellationToken,
+    observer: Option<bmc::paths::Observer>,
 ) -> Result<Sources, SourcesError> {
     let (tx, rx) = mpsc::channel(4096);
     let mut tasks = JoinSet::new();
@@ -312,7 +313,10 @@ pub fn start_sources(
     let mut bmcs: HashMap<String, Arc<dyn Bmc>> = HashMap::new();
     let mut paths = HashMap::new();
     for m in cfg.machines() {
-        let p = bmc::paths::Paths::for_machine(&m, profiles)?;
+        let mut p = bmc::paths::Paths::for_machine(&m, profiles)?;
+        if let Some(o) = &observer {
+            p = p.observed(m.name, o.clone());
+        }
         if !p.any() {
             tracing::warn!(
                 node = m.name,

@@ -143,6 +143,11 @@ pub enum Input {
     FailoverNow,
     /// An operator asks for a failback now.
     FailbackNow,
+    /// The running twin is dead or hung (its hypervisor says so): replace it elsewhere.
+    TwinLost {
+        /// What the hypervisor read.
+        reason: String,
+    },
 }
 
 /// What the runtime must do.
@@ -455,6 +460,17 @@ impl Node {
                 } else {
                     self.repaired_since = None;
                 }
+                Vec::new()
+            }
+            (Phase::RunningVirtual { epoch, .. }, Input::TwinLost { reason }) => {
+                // Like a twin that failed to boot: parked, and retried at once (the fence
+                // still holds; the job stops what is left of the old twin first and avoids
+                // the host it failed on).
+                self.set(Phase::Parked {
+                    epoch: *epoch,
+                    reason,
+                    retry_at: now,
+                });
                 Vec::new()
             }
             (Phase::RunningVirtual { epoch, .. }, Input::FailbackNow) => {

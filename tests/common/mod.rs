@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod appliance;
+
 /// The `vigil-lab` binary built beside this test (cargo test --workspace builds it).
 pub fn lab_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();

@@ -362,7 +362,58 @@ fn any_input() -> impl Strategy<Value = Input> {
         Just(Input::Maintenance(false)),
         Just(Input::FailoverNow),
         Just(Input::FailbackNow),
+        Just(Input::TwinLost {
+            reason: "Stopped".into()
+        }),
     ]
+}
+
+#[test]
+fn a_lost_twin_is_replaced_without_a_new_fence() {
+    let p = policy();
+    let d = Deadlines::default();
+    let mut n = Node::new(
+        "db1",
+        Phase::RunningVirtual {
+            epoch: 3,
+            host: "fo1".into(),
+            since: 0,
+        },
+    );
+    let a = n.step(
+        Input::TwinLost {
+            reason: "twin on fo1 reads back Stopped".into(),
+        },
+        5_000,
+        &p,
+        &d,
+    );
+    assert!(a.is_empty());
+    assert!(
+        matches!(n.phase, Phase::Parked { epoch: 3, .. }),
+        "{:?}",
+        n.phase
+    );
+    // The next tick starts the replacement: the fence still holds, so no new fence.
+    let a = n.step(Input::Tick, 5_100, &p, &d);
+    assert!(
+        matches!(
+            a.as_slice(),
+            [Action::StartFailover {
+                epoch: 3,
+                fenced: true,
+                ..
+            }]
+        ),
+        "{a:?}"
+    );
+    // A twin lost while nothing runs virtual changes nothing.
+    let mut w = Node::new("web1", Phase::Watching);
+    assert!(
+        w.step(Input::TwinLost { reason: "x".into() }, 1, &p, &d)
+            .is_empty()
+    );
+    assert_eq!(w.phase, Phase::Watching);
 }
 
 proptest! {
