@@ -8,6 +8,7 @@
 //! - [`power`]: the pure power and boot model (PoweringOff before Off, POST stages).
 //! - [`redfish`]: the Redfish BMC (HTTPS, sessions, reset with the firmware's quirks).
 //! - [`scenario`]: scenario files (timeline of faults, expected verdicts and outcome).
+//! - [`conformance`]: corrections of the DMTF mockups' own authoring errors.
 //! - [`mockup`]: real Redfish captures the BMCs are seeded from.
 //! - [`os`]: the simulated OS: the real `vigil agent`, a heartbeat relay, the watchdog channel.
 //! - [`ipmi`]: one real `ipmi_sim` per server, mirrored from the server; `ipmi-chassis`.
@@ -17,6 +18,7 @@
 //! - [`clock`]: the lab clock.
 
 pub mod clock;
+pub mod conformance;
 pub mod control;
 pub mod faults;
 pub mod ipmi;
