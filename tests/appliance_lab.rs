@@ -537,3 +537,66 @@ fn a_twin_that_dies_is_stopped_and_replaced_on_the_backup_server() {
     check_log_invariants(&journal(&lab), "web1");
     app.stop();
 }
+
+#[test]
+fn a_twin_that_stops_heartbeating_is_stopped_and_replaced() {
+    let _slot = twin_slot();
+    let lab = lab();
+    let _cleanup = Cleanup(&lab);
+    let mut app = Appliance::start(&lab, "twin-silent");
+    wait_state(&lab, "web2", "healthy", Duration::from_secs(30));
+    lab.inject("web2", json!({"kind": "power-loss"}));
+    wait_state(&lab, "web2", "running-virtual", Duration::from_secs(40));
+    // The twin's QEMU keeps running, but its network link goes down (QMP set_link): no
+    // heartbeat reaches the appliance any more, exactly like a hung guest.
+    let qmp_path = lab
+        .state_dir()
+        .join("appliance/vms/failover1/vigil-web2-e1/qmp.sock");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut q = vigil::virt::qmp::Qmp::connect(&qmp_path, Duration::from_secs(5))
+            .await
+            .unwrap();
+        q.execute("set_link", Some(json!({ "name": "n0", "up": false })))
+            .await
+            .unwrap();
+    });
+    let t0 = Instant::now();
+    let host = loop {
+        let recs = journal(&lab);
+        let mine: Vec<_> = recs
+            .iter()
+            .filter(|r| r.node.as_deref() == Some("web2"))
+            .collect();
+        use vigil::journal::RecordKind as K;
+        if let Some(i) = mine.iter().position(|r| r.kind == K::TwinLost) {
+            let after = &mine[i..];
+            let stopped = after.iter().any(|r| r.kind == K::VmStopped);
+            let placed = after.iter().find(|r| r.kind == K::Placement);
+            let beat = after.iter().any(|r| r.kind == K::VmHeartbeat);
+            if let (true, Some(p), true) = (stopped, placed, beat) {
+                assert!(
+                    mine[i].message.contains("no heartbeat"),
+                    "{}",
+                    mine[i].message
+                );
+                let at = |k: K| after.iter().position(|r| r.kind == k).unwrap();
+                assert!(
+                    at(K::VmStopped) < at(K::VmStart),
+                    "the replacement started before the silent twin was confirmed stopped"
+                );
+                break p.detail["host"].as_str().unwrap_or("").to_string();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "web2's silent twin was not replaced\n{}",
+            explain(&lab, "web2", &app.out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The silent twin was stopped (confirmed) before its replacement started elsewhere.
+    assert_eq!(host, "backup1");
+    assert_eq!(twins(&lab, "web2"), 1);
+    check_log_invariants(&journal(&lab), "web2");
+    app.stop();
+}

@@ -255,8 +255,16 @@ pub async fn failover(
     progress(Step::Placing);
     let profile = load_profile(env, &node).await.map_err(JobEnd::Stalled)?;
 
-    // Invariant 3: one twin per node. Adopt this epoch's if it runs; stop any older one.
+    // Invariant 3: one twin per node. Adopt this epoch's if it runs, unless it runs on the
+    // host it was lost on (it stopped heartbeating there: stopped, never adopted); stop any
+    // older one.
     let mut adopted: Option<String> = None;
+    let avoid = env
+        .avoid
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(node_name)
+        .cloned();
     for (host, hv) in &env.hypervisors {
         for (vm, state) in hv.list().await {
             let Some(e) = twin_epoch(&vm, node_name) else {
@@ -271,7 +279,7 @@ pub async fn failover(
                 let _ = hv.destroy(&vm).await;
                 continue;
             }
-            if e == epoch && live {
+            if e == epoch && live && avoid.as_deref() != Some(host.as_str()) {
                 adopted = Some(host.clone());
             } else if live || leftover {
                 hv.stop(&vm, STOP_GRACE).await.map_err(|e| {
@@ -281,9 +289,11 @@ pub async fn failover(
                     node_name,
                     RecordKind::VmStopped,
                     Some(e),
-                    format!(
-                        "stopped {vm}, a twin of an older epoch, before starting epoch {epoch}"
-                    ),
+                    if e == epoch {
+                        format!("stopped {vm} on {host}, the lost twin, and confirmed it stopped before starting its replacement")
+                    } else {
+                        format!("stopped {vm}, a twin of an older epoch, before starting epoch {epoch}")
+                    },
                     json!({ "vm": vm, "host": host }),
                 )?;
             }

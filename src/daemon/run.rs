@@ -446,6 +446,9 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let mut ready = false;
     let mut tick = tokio::time::interval(monitor::TICK);
     let mut last_twin_check: Millis = 0;
+    // The last heartbeat of each node's twin: (epoch, when).
+    let mut twin_beats: HashMap<String, (u64, Millis)> = HashMap::new();
+    let mut twin_rx = env.twins.subscribe();
     let mut twin_checks: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -564,16 +567,35 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     }
                 }
             }
+            r = twin_rx.recv() => {
+                // (Lagged: some beats were skipped, the next ones count; the sender lives in
+                // `env` as long as this loop.)
+                if let Ok(b) = r {
+                    twin_beats.insert(b.node.clone(), (b.epoch, b.at));
+                }
+            }
             _ = tick.tick() => {
                 // Twins are watched like nodes: every TWIN_CHECK, each running twin's state is
-                // read back from its hypervisor (one check in flight per node).
+                // read back from its hypervisor (one check in flight per node), and a twin
+                // whose heartbeats stopped (a hung guest, a cut link, while QEMU still runs) is
+                // lost too.
                 let now = clock.now();
                 if now.saturating_sub(last_twin_check) >= TWIN_CHECK.as_millis() as Millis {
                     last_twin_check = now;
+                    let silent_after = policy.heartbeat_timeout().as_millis() as Millis * 2;
                     for (n, x) in &rack.nodes {
-                        let Phase::RunningVirtual { epoch, host, .. } = &x.phase else { continue };
+                        let Phase::RunningVirtual { epoch, host, since } = &x.phase else { continue };
                         let Some(hv) = env.hypervisors.get(host).cloned() else { continue };
                         if !twin_checks.insert(n.clone()) {
+                            continue;
+                        }
+                        let last = match twin_beats.get(n) {
+                            Some((e, at)) if e == epoch => (*at).max(*since),
+                            _ => *since,
+                        };
+                        let silence = now.saturating_sub(last);
+                        if silence > silent_after {
+                            let _ = jtx.send(JobResult::TwinLost(n.clone(), *epoch, host.clone(), format!("no heartbeat for {silence} ms")));
                             continue;
                         }
                         let (n, epoch, host, jtx) = (n.clone(), *epoch, host.clone(), jtx.clone());
