@@ -214,6 +214,18 @@ async fn a_twin_runs_its_whole_life_on_a_real_libvirtd() {
         driver.create(&spec, &id, false).await,
         Err(VirtError::Exists(_))
     ));
+    // What libvirt made the driver give up is reported, feature by feature, and each is
+    // disabled in the domain it defined.
+    let defined = std::fs::read_to_string(run.path().join(&name).join("domain.xml")).unwrap();
+    let adjusted = driver.adjustments(&name);
+    eprintln!("libvirt adjustments: {adjusted:?}");
+    for a in adjusted {
+        let f = a.split_whitespace().nth(2).unwrap();
+        assert!(
+            defined.contains(&format!("<feature policy='disable' name='{f}'/>")),
+            "{a}"
+        );
+    }
     assert_eq!(driver.start(&name).await.unwrap(), VmState::Running);
     assert!(
         driver

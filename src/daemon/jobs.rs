@@ -442,12 +442,22 @@ pub async fn failover(
         }
     }
     let state = hv.status(&vm.name).await;
+    // What the hypervisor gave up beyond the fidelity report already logged with vm-start.
+    let adjusted = hv.adjustments(&vm.name);
     env.log(
         node_name,
         RecordKind::VmRunning,
         Some(epoch),
-        format!("{} reads back {state:?} on {host_name}", vm.name),
-        json!({ "vm": vm.name, "state": state }),
+        if adjusted.is_empty() {
+            format!("{} reads back {state:?} on {host_name}", vm.name)
+        } else {
+            format!(
+                "{} reads back {state:?} on {host_name}; the hypervisor also changed: {}",
+                vm.name,
+                adjusted.join("; ")
+            )
+        },
+        json!({ "vm": vm.name, "state": state, "fidelity_adjustments": adjusted }),
     )?;
 
     // Wait for the twin's first heartbeat under the node's name and this epoch.

@@ -506,6 +506,15 @@ impl Hypervisor for LibvirtDriver {
         })
     }
 
+    fn adjustments(&self, name: &str) -> Vec<String> {
+        std::fs::read_to_string(self.dir(name).join("cpu-disabled-by-libvirt.txt"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|f| format!("cpu feature {} disabled (libvirt's CPU model needs it; the host cannot give it)", f.trim()))
+            .collect()
+    }
+
     fn list(&self) -> BoxFuture<'_, Vec<(String, VmState)>> {
         Box::pin(async move {
             let names = self

@@ -121,4 +121,9 @@ pub trait Hypervisor: Send + Sync {
     fn destroy(&self, name: &str) -> BoxFuture<'_, Result<(), VirtError>>;
     /// Every VM this driver knows, with its state.
     fn list(&self) -> BoxFuture<'_, Vec<(String, VmState)>>;
+    /// What the driver had to give up at create beyond the spec's fidelity report (libvirt:
+    /// CPU features its CPU map requires that the host cannot give), for the fencing log.
+    fn adjustments(&self, _name: &str) -> Vec<String> {
+        Vec::new()
+    }
 }
