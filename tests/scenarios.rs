@@ -87,12 +87,11 @@ fn scenarios() -> Vec<Scenario> {
         .collect()
 }
 
-fn log(lab: &Lab) -> Vec<Value> {
-    journal_lines(lab)
-}
-
 fn last_seq(lab: &Lab) -> u64 {
-    log(lab).last().and_then(|r| r["seq"].as_u64()).unwrap_or(0)
+    journal_lines(lab)
+        .last()
+        .and_then(|r| r["seq"].as_u64())
+        .unwrap_or(0)
 }
 
 /// The first record of `node` after `seq` that `pred` accepts, waiting up to `within`.
@@ -105,7 +104,7 @@ fn wait_record(
 ) -> Option<Value> {
     let t0 = Instant::now();
     loop {
-        if let Some(r) = log(lab)
+        if let Some(r) = journal_lines(lab)
             .into_iter()
             .find(|r| r["seq"].as_u64().unwrap_or(0) > seq && r["node"] == node && pred(r))
         {
@@ -150,7 +149,7 @@ fn play(lab: &Lab, s: &Scenario) -> String {
                 |r| r["kind"] == "verdict" && r["message"].as_str().unwrap_or("").contains(&want),
             );
             let r = r.unwrap_or_else(|| {
-                let mine: Vec<String> = log(lab)
+                let mine: Vec<String> = journal_lines(lab)
                     .iter()
                     .filter(|r| r["seq"].as_u64().unwrap_or(0) > seq0 && r["node"] == node)
                     .map(|r| r["message"].to_string())
@@ -176,7 +175,7 @@ fn play(lab: &Lab, s: &Scenario) -> String {
             assert_eq!(hb["kind"], "vm-heartbeat", "{}: {hb}", s.name);
             assert_eq!(twins(lab, node), 1, "{}", s.name);
             if std::env::var("VIGIL_SCENARIOS").is_ok() {
-                for r in log(lab)
+                for r in journal_lines(lab)
                     .iter()
                     .filter(|r| r["seq"].as_u64().unwrap_or(0) > seq0 && r["node"] == node)
                 {
@@ -190,7 +189,7 @@ fn play(lab: &Lab, s: &Scenario) -> String {
             ));
         } else {
             std::thread::sleep(e.hold);
-            let acted: Vec<String> = log(lab)
+            let acted: Vec<String> = journal_lines(lab)
                 .iter()
                 .filter(|r| r["seq"].as_u64().unwrap_or(0) > seq0 && r["node"] == node)
                 .filter(|r| {

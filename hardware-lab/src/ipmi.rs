@@ -50,18 +50,6 @@ pub struct IpmiSim {
     child: Option<Child>,
 }
 
-fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// The `vigil-lab` binary (for chassis_control): this one, or the one beside the test binary.
 pub fn find_lab_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("VIGIL_LAB_BIN") {
@@ -121,9 +109,6 @@ impl IpmiSim {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let port = free_udp_port()?;
-        let console_port = free_tcp_port()?;
-        let host_port = free_tcp_port()?;
         let guid: String = {
             use sha2::Digest;
             sha2::Sha256::digest(name.as_bytes())[..16]
@@ -135,42 +120,59 @@ impl IpmiSim {
             "{} ipmi-chassis --control-url '{control_url}' --server {name}",
             lab.display()
         );
-        let render = |t: &str| {
-            t.replace("{{NAME}}", name)
-                .replace("{{PORT}}", &port.to_string())
-                .replace("{{CONSOLE_PORT}}", &console_port.to_string())
-                .replace("{{HOST_PORT}}", &host_port.to_string())
-                .replace("{{USER}}", user)
-                .replace("{{PASSWORD}}", password)
-                .replace("{{GUID}}", &guid)
-                .replace("{{CHASSIS_CONTROL}}", &chassis)
-        };
-        let lan = state_dir.join("lan.conf");
-        let emu = state_dir.join("node.emu");
-        std::fs::write(&lan, render(LAN_CONF))?;
-        std::fs::set_permissions(&lan, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        std::fs::write(&emu, render(NODE_EMU))?;
-        // SIGPIPE ignored: a console client that goes away must not kill the BMC.
-        let cmd = vec![
-            "sh".to_string(),
-            "-c".to_string(),
-            format!(
-                "trap '' PIPE; exec ipmi_sim -c '{}' -f '{}' -s '{}' -n",
-                lan.display(),
-                emu.display(),
-                state_dir.display()
-            ),
-        ];
-        let mut sim = IpmiSim {
-            name: name.to_string(),
-            port,
-            console_port,
-            cmd,
-            state_dir,
-            child: None,
-        };
-        sim.start()?;
-        Ok(sim)
+        // Its three ports come from below the ephemeral range: vigil's API and heartbeat ports
+        // (and the tests' sockets) are ephemeral ports picked and released before the daemon
+        // binds them, and an ipmi_sim of a lab started meanwhile must not take one of them.
+        // Two labs may still draw the same low port: ipmi_sim then exits at once, naming it,
+        // and the BMC is started again on other ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = crate::rack::free_low_port(false)?;
+            let console_port = crate::rack::free_low_port(true)?;
+            let host_port = crate::rack::free_low_port(true)?;
+            let render = |t: &str| {
+                t.replace("{{NAME}}", name)
+                    .replace("{{PORT}}", &port.to_string())
+                    .replace("{{CONSOLE_PORT}}", &console_port.to_string())
+                    .replace("{{HOST_PORT}}", &host_port.to_string())
+                    .replace("{{USER}}", user)
+                    .replace("{{PASSWORD}}", password)
+                    .replace("{{GUID}}", &guid)
+                    .replace("{{CHASSIS_CONTROL}}", &chassis)
+            };
+            let lan = state_dir.join("lan.conf");
+            let emu = state_dir.join("node.emu");
+            std::fs::write(&lan, render(LAN_CONF))?;
+            std::fs::set_permissions(&lan, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            std::fs::write(&emu, render(NODE_EMU))?;
+            // SIGPIPE ignored: a console client that goes away must not kill the BMC.
+            let cmd = vec![
+                "sh".to_string(),
+                "-c".to_string(),
+                format!(
+                    "trap '' PIPE; exec ipmi_sim -c '{}' -f '{}' -s '{}' -n",
+                    lan.display(),
+                    emu.display(),
+                    state_dir.display()
+                ),
+            ];
+            let mut sim = IpmiSim {
+                name: name.to_string(),
+                port,
+                console_port,
+                cmd,
+                state_dir: state_dir.clone(),
+                child: None,
+            };
+            match sim.start() {
+                Ok(()) => return Ok(sim),
+                Err(e) if attempt < 5 && format!("{e:#}").contains("in use") => {
+                    tracing::debug!(server = name, error = %format!("{e:#}"), "ipmi_sim port taken: other ports");
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Starts the process (again) and waits until it answers.

@@ -259,10 +259,30 @@ fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_udp_port() -> anyhow::Result<u16> {
+/// A loopback UDP port free now (bound and released: fine for the lab, which starts everything
+/// at once).
+pub(crate) fn free_udp_port() -> anyhow::Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// A loopback port free now (TCP or UDP) below Linux's ephemeral range (32768 and up), for the
+/// programs the lab starts that bind their own ports (ipmi_sim): they never take a port that
+/// was picked from the ephemeral range and released for vigil to bind later.
+pub(crate) fn free_low_port(tcp: bool) -> anyhow::Result<u16> {
+    for _ in 0..200 {
+        let p: u16 = rand::random_range(20_000..32_000);
+        let free = if tcp {
+            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+        } else {
+            std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        };
+        if free {
+            return Ok(p);
+        }
+    }
+    anyhow::bail!("no free loopback port between 20000 and 32000")
 }
 
 impl Rack {

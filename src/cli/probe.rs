@@ -161,34 +161,28 @@ pub(super) fn run(file: &Path, names: &[String], all: bool, json_out: bool) -> a
     Ok(if failed { 1 } else { 0 })
 }
 
+/// One path: not configured (`None`), or a full read (then the session is closed).
+async fn read_path<B: Bmc>(b: Result<B, bmc::SetupError>) -> PathResult {
+    match b {
+        Err(bmc::SetupError::NoRedfish(_) | bmc::SetupError::NoIpmi(_)) => None,
+        Err(e) => Some(Err(e.into())),
+        Ok(b) => {
+            let r = b.status(Depth::Full).await;
+            b.close().await;
+            Some(r.map_err(anyhow::Error::from))
+        }
+    }
+}
+
 async fn probe_all(
     machines: &[config::Machine<'_>],
     profiles: &ProfileSet,
 ) -> Vec<(PathResult, PathResult)> {
-    let futs = machines.iter().map(|m| async move {
-        let redfish = async {
-            match bmc::redfish_for(m, profiles) {
-                Err(bmc::SetupError::NoRedfish(_)) => None,
-                Err(e) => Some(Err(e.into())),
-                Ok(b) => {
-                    let r = b.status(Depth::Full).await;
-                    b.close().await;
-                    Some(r.map_err(anyhow::Error::from))
-                }
-            }
-        };
-        let ipmi = async {
-            match bmc::ipmi_for(m) {
-                Err(bmc::SetupError::NoIpmi(_)) => None,
-                Err(e) => Some(Err(e.into())),
-                Ok(b) => {
-                    let r = b.status(Depth::Full).await;
-                    b.close().await;
-                    Some(r.map_err(anyhow::Error::from))
-                }
-            }
-        };
-        futures_util::future::join(redfish, ipmi).await
+    let futs = machines.iter().map(|m| {
+        futures_util::future::join(
+            read_path(bmc::redfish_for(m, profiles)),
+            read_path(bmc::ipmi_for(m)),
+        )
     });
     futures_util::future::join_all(futs).await
 }

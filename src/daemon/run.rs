@@ -479,12 +479,9 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 if let Observation::Heartbeat { at, .. } = &obs {
                     let _listeners = returns.send((node.clone(), *at));
                 }
-                if let Observation::Bmc { result, at } = &obs {
-                    // (Latency and errors per path are counted by the paths' observer.)
-                    if let Ok(s) = result && s.full {
-                        first_full.insert(node.clone());
-                    }
-                    let _ = at;
+                // (Latency and errors per path are counted by the paths' observer.)
+                if let Observation::Bmc { result: Ok(s), .. } = &obs && s.full {
+                    first_full.insert(node.clone());
                 }
                 mon.observe(&node, obs);
             }

@@ -344,19 +344,7 @@ impl LibvirtDriver {
             }
         };
         std::fs::create_dir_all(&dir).map_err(io("create its folder"))?;
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(dir.join("key"))
-                .map_err(io("write its key"))?;
-            f.write_all(id.key.expose().as_bytes())
-                .map_err(io("write its key"))?;
-        }
+        super::write_key(&dir, &id.key).map_err(io("write its key"))?;
         let xml_path = dir.join("domain.xml");
         let xml = xml_path.display().to_string();
         // libvirt's CPU map is not QEMU's: a model may need features there that this host's
@@ -460,18 +448,12 @@ impl Hypervisor for LibvirtDriver {
     fn start(&self, name: &str) -> BoxFuture<'_, Result<VmState, VirtError>> {
         let name = name.to_string();
         Box::pin(async move {
-            match self.state(&name).await {
-                VmState::Paused => {
-                    self.virsh(&["resume", &name])
-                        .await
-                        .map_err(|e| Self::refused(&name, e))?;
-                }
-                VmState::Stopped => {
-                    self.virsh(&["start", &name])
-                        .await
-                        .map_err(|e| Self::refused(&name, e))?;
-                }
-                _ => {}
+            // Resumes a paused twin. A stopped one is not restarted here: its key left the disk
+            // once QEMU read it, so it is created again instead.
+            if self.state(&name).await == VmState::Paused {
+                self.virsh(&["resume", &name])
+                    .await
+                    .map_err(|e| Self::refused(&name, e))?;
             }
             match self.state(&name).await {
                 VmState::Running => Ok(VmState::Running),

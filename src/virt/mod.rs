@@ -24,6 +24,21 @@ use crate::bmc::BoxFuture;
 use crate::config::Secret;
 use spec::VmSpec;
 
+/// Writes the node's heartbeat key into a VM's folder, readable by its owner only: QEMU reads
+/// it through fw_cfg (a file, so the key is never on a command line); the drivers remove it
+/// once QEMU has.
+pub(crate) fn write_key(dir: &std::path::Path, key: &Secret) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join("key"))?
+        .write_all(key.expose().as_bytes())
+}
+
 /// A VM's state as the hypervisor reads it back.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use super::qmp::Qmp;
 use super::spec::{Accel, BootSpec, VmSpec};
-use super::{GuestIdentity, Hypervisor, VirtError, VmState};
+use super::{GuestIdentity, Hypervisor, VirtError, VmState, write_key};
 use crate::bmc::BoxFuture;
 
 /// QMP exchanges give up after this long.
@@ -294,19 +294,7 @@ impl QemuDriver {
             serde_json::to_vec_pretty(spec).unwrap_or_default(),
         )
         .map_err(io("write its spec"))?;
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(dir.join("key"))
-                .map_err(io("write its key"))?;
-            f.write_all(id.key.expose().as_bytes())
-                .map_err(io("write its key"))?;
-        }
+        write_key(&dir, &id.key).map_err(io("write its key"))?;
         if spec.boot == BootSpec::Uefi {
             std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", dir.join("OVMF_VARS.fd"))
                 .map_err(io("copy the UEFI variables"))?;
