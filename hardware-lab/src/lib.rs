@@ -7,6 +7,7 @@
 //! - [`server`]: one simulated server: power model, faults, SEL, the BMC's sessions and moods.
 //! - [`power`]: the pure power and boot model (PoweringOff before Off, POST stages).
 //! - [`redfish`]: the Redfish BMC (HTTPS, sessions, reset with the firmware's quirks).
+//! - [`scale`]: scale mode: thousands of BMCs and heartbeat senders in one process.
 //! - [`scenario`]: scenario files (timeline of faults, expected verdicts and outcome).
 //! - [`conformance`]: corrections of the DMTF mockups' own authoring errors.
 //! - [`mockup`]: real Redfish captures the BMCs are seeded from.
@@ -27,6 +28,7 @@ pub mod os;
 pub mod power;
 pub mod rack;
 pub mod redfish;
+pub mod scale;
 pub mod scenario;
 pub mod server;
 pub mod tls;

@@ -35,6 +35,27 @@ enum Command {
         #[arg(long)]
         no_ipmi: bool,
     },
+    /// Scale mode: N Redfish BMCs (127.64.0.1, 127.64.0.2, ..., one port) and their nodes'
+    /// heartbeat senders in this one process, until SIGINT or SIGTERM; writes DIR/scale.json
+    /// (the control API: /scale/stats, /scale/reset, /scale/inject?node=&fault=, /scale/repair)
+    /// and DIR/vigil.toml (observe mode).
+    Scale {
+        /// How many nodes.
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        /// Where the lab keeps its files (created if needed).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// How often each node sends a heartbeat.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        heartbeat_interval: Duration,
+        /// How often vigil is told to poll each BMC.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        poll_interval: Duration,
+        /// The OS watchdog timeout (an OS hang's SEL record comes after it).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        watchdog_timeout: Duration,
+    },
     /// Inject a fault into a server of a running lab.
     Inject {
         /// The running lab's state directory.
@@ -203,6 +224,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             eprintln!("stopping the lab");
             rack.stop().await;
+            Ok(())
+        }
+        Command::Scale {
+            nodes,
+            state_dir,
+            heartbeat_interval,
+            poll_interval,
+            watchdog_timeout,
+        } => {
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let opts = vigil_lab::scale::ScaleOptions {
+                nodes,
+                heartbeat_interval,
+                poll_interval,
+                watchdog_timeout,
+            };
+            let lab = vigil_lab::scale::ScaleLab::start(&opts, &state_dir, &cancel).await?;
+            let e = &lab.endpoints;
+            eprintln!(
+                "scale lab is up in {} ms: {} BMCs on {}..:{}, control {}; vigil config {}",
+                e.started_in_ms,
+                e.nodes,
+                e.first_address,
+                e.port,
+                e.control_url,
+                e.vigil_config.display()
+            );
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
+            }
+            eprintln!("stopping the scale lab");
+            cancel.cancel();
             Ok(())
         }
         Command::Inject {

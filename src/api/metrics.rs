@@ -49,12 +49,14 @@ pub struct Metrics {
     bmc_errors: Family<NodeProto, Counter>,
     bmc_latency: Family<NodeProto, Histogram>,
     refused: Gauge,
+    accepted: Gauge,
     detection: Histogram,
     fence: Histogram,
     boot: Histogram,
     recovery: Histogram,
     /// Which (node, state) pairs are set, to clear the old one when a node changes state.
-    set: Mutex<Vec<NodeState>>,
+    /// Each node's state as last exported (its gauge for that state is 1, the others 0).
+    set: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Default for Metrics {
@@ -74,6 +76,7 @@ impl Metrics {
             request_seconds as fn() -> Histogram,
         );
         let refused = Gauge::default();
+        let accepted = Gauge::default();
         let (detection, fence, boot, recovery) = (seconds(), seconds(), seconds(), seconds());
         registry.register(
             "node_state",
@@ -94,6 +97,11 @@ impl Metrics {
             "bmc_request_seconds",
             "BMC request latency (a whole status read or power action) by node and protocol",
             bmc_latency.clone(),
+        );
+        registry.register(
+            "heartbeats_accepted",
+            "Heartbeats accepted",
+            accepted.clone(),
         );
         registry.register(
             "heartbeats_refused",
@@ -127,11 +135,12 @@ impl Metrics {
             bmc_errors,
             bmc_latency,
             refused,
+            accepted,
             detection,
             fence,
             boot,
             recovery,
-            set: Mutex::new(Vec::new()),
+            set: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -188,25 +197,36 @@ impl Metrics {
         }
     }
 
-    /// The status of every node.
+    /// The status of every node (and the heartbeat counters).
     pub fn update(&self, s: &crate::daemon::run::Status) {
-        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
-        let now: Vec<NodeState> = s
-            .nodes
-            .iter()
-            .map(|n| NodeState {
-                node: n.name.clone(),
-                state: n.state.clone(),
-            })
-            .collect();
-        for old in set.iter().filter(|o| !now.contains(o)) {
-            self.state.get_or_create(old).set(0);
-        }
-        for n in &now {
-            self.state.get_or_create(n).set(1);
-        }
-        *set = now;
+        self.update_nodes(s.nodes.iter().map(|n| (n.name.as_str(), n.state.as_str())));
         self.refused.set(s.heartbeats_refused as i64);
+        self.accepted.set(s.heartbeats_accepted as i64);
+    }
+
+    /// The state of some nodes: only the gauges of a node whose state changed are touched, so
+    /// a pass that looked at a few nodes of a big rack costs a few updates.
+    pub fn update_nodes<'a>(&self, nodes: impl Iterator<Item = (&'a str, &'a str)>) {
+        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        for (node, state) in nodes {
+            if set.get(node).is_some_and(|old| old == state) {
+                continue;
+            }
+            if let Some(old) = set.insert(node.to_string(), state.to_string()) {
+                self.state
+                    .get_or_create(&NodeState {
+                        node: node.to_string(),
+                        state: old,
+                    })
+                    .set(0);
+            }
+            self.state
+                .get_or_create(&NodeState {
+                    node: node.to_string(),
+                    state: state.to_string(),
+                })
+                .set(1);
+        }
     }
 
     /// The text exposition.

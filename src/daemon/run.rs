@@ -121,6 +121,8 @@ pub struct Status {
     pub ready: bool,
     /// Heartbeats refused (forged, replayed, malformed).
     pub heartbeats_refused: u64,
+    /// Heartbeats accepted.
+    pub heartbeats_accepted: u64,
 }
 
 /// Shared between the loop and the API.
@@ -138,6 +140,17 @@ pub struct Shared {
 
 /// How often each running twin's state is read back from its hypervisor.
 const TWIN_CHECK: Duration = Duration::from_secs(2);
+/// Observations are taken as they come, but a pass over the rack (verdicts, the machines, the
+/// status) runs at most this often on their account: at 10,000 nodes they arrive 15,000 times a
+/// second, and a pass per observation would spend the appliance on passes. The delay this adds
+/// to a verdict is at most this, against detection targets of seconds.
+const PASS_EVERY: Duration = Duration::from_millis(20);
+/// Queued observations are taken in batches of this many...
+const OBS_BATCH: usize = 4096;
+/// ... for at most this long before a pass may run.
+const OBS_DRAIN_MAX: Duration = Duration::from_millis(200);
+/// The whole status is rebuilt at least this often (in between, only the nodes a pass touched).
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// What a job reports back.
 #[derive(Debug)]
@@ -152,6 +165,34 @@ enum JobResult {
 
 /// Append one record to the fencing log. The journal's listener (set in `run`) forwards it to
 /// the event stream and the metrics, so this does not send it anywhere itself.
+/// Every BMC keeps a connection open (and an IPMI socket where configured): a big rack needs
+/// more descriptors than a shell's default soft limit of 1,024. The soft limit is raised to the
+/// hard one, as Go's runtime does at start (the unit sets `LimitNOFILE=`); a hard limit too low
+/// for the rack is said at once, not discovered as connection errors.
+fn raise_open_files(machines: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let need = machines as u64 * 2 + 256;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= need {
+        return;
+    }
+    let now = if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    if now < need {
+        tracing::warn!(
+            open_files = now,
+            needed = need,
+            machines,
+            "the open-file limit is too low for this many BMC connections: raise LimitNOFILE"
+        );
+    }
+}
+
 fn append(
     journal: &Arc<Mutex<Journal>>,
     node: Option<&str>,
@@ -389,6 +430,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         let m = metrics.clone();
         Arc::new(move |node, protocol, took, ok| m.bmc_request(node, protocol, took, ok))
     };
+    raise_open_files(cfg.machines().count());
     let mut src = monitor::start_sources(&cfg, &profiles, clock, &cancel, Some(observer))?;
     let mut mon = Monitor::new(&cfg, &src.hurry, clock.now());
     let mut rack = Rack::new(nodes, last_epoch);
@@ -396,7 +438,9 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let deadlines = Deadlines::default();
     let (ptx, mut prx) = mpsc::unbounded_channel();
     let (returns, _) = broadcast::channel(1024);
-    let env = Env {
+    // Shared, not copied: a job or an action takes a reference count, not the rack's maps
+    // (at 10,000 nodes a copy per action was milliseconds, and a storm of refusals took seconds).
+    let env = Arc::new(Env {
         cfg: cfg.clone(),
         profiles: Arc::new(profiles),
         journal: journal.clone(),
@@ -412,7 +456,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         cpu_table: Arc::new(CpuTable::builtin()),
         accel: probe_accel(),
         power_requested: ptx,
-    };
+    });
     let (ctx, mut crx) = mpsc::channel(64);
     let shared = Arc::new(Shared {
         status: RwLock::new(Status::default()),
@@ -445,6 +489,17 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let machines = cfg.machines().count();
     let mut ready = false;
     let mut tick = tokio::time::interval(monitor::TICK);
+    let mut last_pass = tokio::time::Instant::now();
+    let mut pass_due = false;
+    let mut status_built: Option<tokio::time::Instant> = None;
+    // A command or a job result moved a node: the next status is rebuilt whole.
+    let mut status_full = true;
+    // Where each machine is in the status' node list.
+    let status_pos: HashMap<String, usize> = cfg
+        .machines()
+        .enumerate()
+        .map(|(i, m)| (m.name.to_string(), i))
+        .collect();
     let mut last_twin_check: Millis = 0;
     // The last heartbeat of each node's twin: (epoch, when).
     let mut twin_beats: HashMap<String, (u64, Millis)> = HashMap::new();
@@ -474,21 +529,40 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     }
                 }
             }
+            _ = tokio::time::sleep_until(last_pass + PASS_EVERY), if pass_due => {}
             o = src.rx.recv() => {
-                let Some((node, obs)) = o else { break };
-                if let Observation::Heartbeat { at, .. } = &obs {
-                    let _listeners = returns.send((node.clone(), *at));
+                let Some(first) = o else { break };
+                // Everything queued is taken now; the pass that reads it runs at its pace.
+                let mut next = Some(first);
+                let mut taken = 0usize;
+                let drain_started = std::time::Instant::now();
+                while let Some((node, obs)) = next.take() {
+                    if let Observation::Heartbeat { at, .. } = &obs {
+                        let _listeners = returns.send((node.clone(), *at));
+                    }
+                    // (Latency and errors per path are counted by the paths' observer.)
+                    if let Observation::Bmc { result: Ok(s), .. } = &obs && s.full && !first_full.contains(&node) {
+                        first_full.insert(node.clone());
+                    }
+                    mon.observe(&node, obs);
+                    taken += 1;
+                    // Everything already queued is taken before a pass judges anyone: a pass
+                    // that ran ahead of queued heartbeats would see them as lost. (Bounded, so
+                    // a flood cannot starve the passes.)
+                    if taken % OBS_BATCH != 0 || drain_started.elapsed() < OBS_DRAIN_MAX {
+                        next = src.rx.try_recv().ok();
+                    }
                 }
-                // (Latency and errors per path are counted by the paths' observer.)
-                if let Observation::Bmc { result: Ok(s), .. } = &obs && s.full {
-                    first_full.insert(node.clone());
+                if last_pass.elapsed() < PASS_EVERY {
+                    pass_due = true;
+                    continue;
                 }
-                mon.observe(&node, obs);
             }
             Some((node, on)) = prx.recv() => {
                 mon.observe(&node, Observation::PowerRequested { at: clock.now(), on });
             }
             Some(r) = jrx.recv() => {
+                status_full = true;
                 let now = clock.now();
                 let (node, input) = match r {
                     JobResult::Progress(n, s) => (n, Input::Progress(s)),
@@ -523,6 +597,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 }
             }
             Some(c) = crx.recv() => {
+                status_full = true;
                 let now = clock.now();
                 let act = |n: &str, i: Input, rack: &mut Rack| rack.nodes.get_mut(n).map(|x| x.step(i, now, &policy, &deadlines)).unwrap_or_default();
                 match c {
@@ -579,6 +654,8 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 let now = clock.now();
                 if now.saturating_sub(last_twin_check) >= TWIN_CHECK.as_millis() as Millis {
                     last_twin_check = now;
+                    let c = mon.counts;
+                    tracing::debug!(passes = c.passes, evaluations = c.evaluations, whole_rack = c.whole_rack, sleeping = mon.sleeping(), "monitor");
                     let silent_after = policy.heartbeat_timeout().as_millis() as Millis * 2;
                     for (n, x) in &rack.nodes {
                         let Phase::RunningVirtual { epoch, host, since } = &x.phase else { continue };
@@ -609,13 +686,18 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
             }
         }
         // Every pass: verdicts to the log and the machines, the gate, the actions.
+        pass_due = false;
+        last_pass = tokio::time::Instant::now();
+        let pass_started = std::time::Instant::now();
         let now = clock.now();
+        let mut changed: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut verdicts_written = false;
         for c in mon.evaluate(now) {
+            changed.insert(c.node.clone());
             let d = &c.diagnosis;
             shared.metrics.verdict(&c.node, d);
             if d.kind != Kind::Suspect || d.candidate.is_some() {
-                append(
-                    &journal,
+                let r = journal.lock().unwrap_or_else(|p| p.into_inner()).append_unsynced(
                     Some(&c.node),
                     RecordKind::Verdict,
                     None,
@@ -628,7 +710,18 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     ),
                     json!({ "verdict": d.kind, "candidate": d.candidate, "why": { "evidence": d.evidence }, "held_ms": d.held_ms, "samples": d.samples }),
                 );
+                match r {
+                    Ok(_) => verdicts_written = true,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the fencing log cannot be written: no action will be taken until it can")
+                    }
+                }
             }
+        }
+        // The pass's verdicts are made durable together, before anything the pass decides.
+        if verdicts_written && let Err(e) = journal.lock().unwrap_or_else(|p| p.into_inner()).sync()
+        {
+            tracing::error!(error = %e, "the fencing log cannot be written: no action will be taken until it can");
         }
         {
             let mut health = env.host_health.lock().unwrap_or_else(|p| p.into_inner());
@@ -642,23 +735,47 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 health.insert(h.name.clone(), ok);
             }
         }
-        for n in &cfg.nodes {
-            let Some(d) = mon.current(&n.name).cloned() else {
+        // The machines that can move: those whose verdict just changed or points at a fault,
+        // and those in the middle of something (their deadlines run). A watching node whose
+        // healthy (or degraded, or plain suspect) verdict stayed what it was has nothing new to
+        // say: in Watching, such a verdict and a Tick do nothing.
+        let mut stepped: Vec<String> = mon
+            .touched()
+            .filter(|n| {
+                rack.nodes.contains_key(*n)
+                    && (changed.contains(*n)
+                        || mon
+                            .current(n)
+                            .is_some_and(|d| d.kind.fences() || d.candidate.is_some()))
+            })
+            .map(String::from)
+            .collect();
+        stepped.extend(
+            rack.nodes
+                .iter()
+                .filter(|(_, x)| !matches!(x.phase, Phase::Watching))
+                .map(|(n, _)| n.clone()),
+        );
+        stepped.sort_unstable();
+        stepped.dedup();
+        for name in &stepped {
+            let Some(d) = mon.current(name).cloned() else {
                 continue;
             };
             let phys = mon
-                .diagnoser(&n.name)
+                .diagnoser(name)
                 .and_then(|x| x.latest())
                 .map(|s| Physical {
                     power: s.power,
                     health: s.health,
                 });
-            if let Some(x) = rack.nodes.get_mut(&n.name) {
+            if let Some(x) = rack.nodes.get_mut(name) {
                 pending.extend(x.step(Input::Verdict(d, phys), now, &policy, &deadlines));
                 pending.extend(x.step(Input::Tick, now, &policy, &deadlines));
             }
         }
         pending.extend(rack.grant(&policy, now));
+        let mut refusals_written = false;
         for a in pending.drain(..) {
             let env = env.clone();
             let jtx = jtx.clone();
@@ -729,15 +846,24 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     });
                 }
                 Action::Refuse { node, reason } => {
+                    // A refusal announces nothing to do: group-committed with the pass.
                     tracing::warn!(node = %node, reason = %reason, "no action");
-                    append(
-                        &journal,
-                        Some(&node),
-                        RecordKind::Refusal,
-                        None,
-                        reason,
-                        serde_json::Value::Null,
-                    );
+                    let r = journal
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .append_unsynced(
+                            Some(&node),
+                            RecordKind::Refusal,
+                            None,
+                            reason,
+                            serde_json::Value::Null,
+                        );
+                    match r {
+                        Ok(_) => refusals_written = true,
+                        Err(e) => {
+                            tracing::error!(error = %e, "the fencing log cannot be written: no action will be taken until it can")
+                        }
+                    }
                 }
                 Action::Overdue {
                     node,
@@ -756,6 +882,10 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 }
             }
         }
+        if refusals_written && let Err(e) = journal.lock().unwrap_or_else(|p| p.into_inner()).sync()
+        {
+            tracing::error!(error = %e, "the fencing log cannot be written: no action will be taken until it can");
+        }
         while let Some(r) = jobs.try_join_next() {
             if let Err(e) = r {
                 tracing::error!(error = %e, "a job panicked");
@@ -766,54 +896,112 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
             let _not_systemd = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             tracing::info!("first full poll done: ready");
         }
-        // The status the API serves.
+        // The status the API serves: whole every STATUS_EVERY (and after a command or a job
+        // result), in between only the machines this pass looked at or moved.
+        let node_status = |name: &str, host: bool| {
+            let node = rack.nodes.get(name);
+            NodeStatus {
+                name: name.to_string(),
+                host,
+                state: node.map(Node::state_name).unwrap_or_else(|| {
+                    mon.current(name)
+                        .map(|d| d.kind.name())
+                        .unwrap_or_else(|| "suspect".into())
+                }),
+                phase: node.map(|x| x.phase.clone()).unwrap_or(Phase::Watching),
+                diagnosis: mon.current(name).cloned(),
+            }
+        };
         let placed = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let health = env
             .host_health
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let status = Status {
-            nodes: cfg
-                .machines()
-                .map(|m| {
-                    let node = rack.nodes.get(m.name);
-                    NodeStatus {
-                        name: m.name.to_string(),
-                        host: m.is_host,
-                        state: node.map(Node::state_name).unwrap_or_else(|| {
-                            mon.current(m.name)
-                                .map(|d| d.kind.name())
-                                .unwrap_or_else(|| "suspect".into())
-                        }),
-                        phase: node.map(|x| x.phase.clone()).unwrap_or(Phase::Watching),
-                        diagnosis: mon.current(m.name).cloned(),
-                    }
-                })
-                .collect(),
-            hosts: cfg
-                .hosts
+        let hosts: Vec<HostStatus> = cfg
+            .hosts
+            .iter()
+            .map(|h| HostStatus {
+                name: h.name.clone(),
+                role: h.role,
+                capacity: h.capacity,
+                twins: placed
+                    .iter()
+                    .filter(|p| p.host == h.name)
+                    .cloned()
+                    .collect(),
+                healthy: health.get(&h.name).copied().unwrap_or(true)
+                    && env.hypervisors.contains_key(&h.name),
+            })
+            .collect();
+        let whole = status_full || status_built.is_none_or(|t| t.elapsed() >= STATUS_EVERY);
+        let status_started = std::time::Instant::now();
+        if whole {
+            status_full = false;
+            status_built = Some(tokio::time::Instant::now());
+            let status = Status {
+                nodes: cfg
+                    .machines()
+                    .map(|m| node_status(m.name, m.is_host))
+                    .collect(),
+                hosts,
+                paused: rack.paused,
+                mode: format!("{:?}", policy.mode).to_lowercase(),
+                ready,
+                heartbeats_refused: src.counters.refused(),
+                heartbeats_accepted: src
+                    .counters
+                    .accepted
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            };
+            shared.metrics.update(&status);
+            *shared.status.write().unwrap_or_else(|p| p.into_inner()) = status;
+        } else {
+            let mut st = shared.status.write().unwrap_or_else(|p| p.into_inner());
+            // (The hosts' own verdicts, and the nodes that moved; the evidence of the others is
+            // refreshed by the whole rebuild.)
+            let mut moved: Vec<usize> = changed
                 .iter()
-                .map(|h| HostStatus {
-                    name: h.name.clone(),
-                    role: h.role,
-                    capacity: h.capacity,
-                    twins: placed
-                        .iter()
-                        .filter(|p| p.host == h.name)
-                        .cloned()
-                        .collect(),
-                    healthy: health.get(&h.name).copied().unwrap_or(true)
-                        && env.hypervisors.contains_key(&h.name),
-                })
-                .collect(),
-            paused: rack.paused,
-            mode: format!("{:?}", policy.mode).to_lowercase(),
-            ready,
-            heartbeats_refused: src.counters.refused(),
-        };
-        shared.metrics.update(&status);
-        *shared.status.write().unwrap_or_else(|p| p.into_inner()) = status;
+                .map(String::as_str)
+                .chain(stepped.iter().map(String::as_str))
+                .filter_map(|n| status_pos.get(n).copied())
+                .collect();
+            moved.sort_unstable();
+            moved.dedup();
+            for &i in &moved {
+                if let Some(e) = st.nodes.get_mut(i) {
+                    let fresh = node_status(&e.name, e.host);
+                    *e = fresh;
+                }
+            }
+            st.hosts = hosts;
+            st.paused = rack.paused;
+            st.mode = format!("{:?}", policy.mode).to_lowercase();
+            st.ready = ready;
+            st.heartbeats_refused = src.counters.refused();
+            st.heartbeats_accepted = src
+                .counters
+                .accepted
+                .load(std::sync::atomic::Ordering::Relaxed);
+            shared.metrics.update_nodes(
+                moved
+                    .iter()
+                    .filter_map(|&i| st.nodes.get(i))
+                    .map(|n| (n.name.as_str(), n.state.as_str())),
+            );
+        }
+        // A pass holds up every observation behind it: a long one is worth a line.
+        let took = pass_started.elapsed();
+        if took > Duration::from_millis(250) {
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                status_ms = status_started.elapsed().as_millis() as u64,
+                whole_status = whole,
+                evaluated = mon.touched().count(),
+                verdicts = changed.len(),
+                "a slow pass"
+            );
+        }
     }
     // Stopping: record what was in flight; it resumes on the next start.
     let inflight: Vec<String> = rack
@@ -838,6 +1026,9 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         serde_json::Value::Null,
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    // Nobody reads observations any more: a poller or the heartbeat relay blocked on a full
+    // queue must see that (and a poller then closes its BMC session) rather than wait forever.
+    src.rx.close();
     cancel.cancel();
     jobs.abort_all();
     while jobs.join_next().await.is_some() {}

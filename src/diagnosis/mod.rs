@@ -33,7 +33,7 @@ use serde::Serialize;
 use crate::heartbeat::wire::WatchdogReport;
 use crate::model::{BmcSnapshot, BootProgress, Health, LogEntry, Millis, PowerReading, SensorKind};
 
-/// Samples kept per node (enough for persistence and flap counting at any sane policy).
+/// Samples kept per node: the last good one and the failures since (a run this long is lost).
 const MAX_SAMPLES: usize = 64;
 /// SEL records kept per node for classification.
 const MAX_LOG: usize = 128;
@@ -337,6 +337,35 @@ impl Diagnoser {
         !self.heartbeat_alive(now)
     }
 
+    /// Until when, with no new observation and the same rack view, [`Diagnoser::evaluate`]
+    /// cannot change its kind or candidate: for a node whose `verdict` (evaluated at `now`) is
+    /// healthy or degraded with nothing building up, the moment
+    /// its heartbeat times out. `None` when time alone could change the verdict sooner or
+    /// otherwise: a verdict building up, a BMC whose last read failed, a node never heard.
+    ///
+    /// Why this holds: a healthy or degraded verdict rests on a live heartbeat, the latest BMC
+    /// reading and the SEL since the last heartbeat; of these only the heartbeat's liveness
+    /// depends on the time. A BMC read that failed starts the count towards "BMC lost", which
+    /// does depend on it. The monitor uses this to skip re-evaluating quiet machines on every
+    /// pass (a property test checks it against `evaluate`).
+    pub fn quiet_until(&self, now: Millis, verdict: &Diagnosis) -> Option<Millis> {
+        // A node no BMC reading has come from (yet, or at all) is suspect until one comes or
+        // its BMC fails: neither happens without an observation.
+        if self.samples.is_empty() && verdict.kind == Kind::Suspect && verdict.candidate.is_none() {
+            return Some(Millis::MAX);
+        }
+        let settled =
+            matches!(verdict.kind, Kind::Healthy | Kind::Degraded) && verdict.candidate.is_none();
+        // (The candidate a settled verdict carries is that same non-fencing kind: it only counts
+        // how long the finding has held, and cannot turn into anything else without a sample.)
+        if !settled || self.samples.back()?.result.is_err() {
+            return None;
+        }
+        let last_hb = self.last_heartbeat?;
+        let until = last_hb + self.t.heartbeat_timeout.as_millis() as Millis + 1;
+        (until > now).then_some(until)
+    }
+
     /// Whether the BMC is unreachable at `now` (persistently, not one error).
     pub fn bmc_unreachable(&self, now: Millis) -> bool {
         self.bmc_lost(now).is_some()
@@ -421,6 +450,12 @@ impl Diagnoser {
                         }
                     }
                 }
+                // Only the last good reading and the failures since are ever read (the latest
+                // snapshot; "BMC lost" counts the failures after it): a good reading makes the
+                // samples before it history, and a rack of 10,000 nodes need not keep them.
+                if result.is_ok() {
+                    self.samples.clear();
+                }
                 self.samples.push_back(Sample { at, result });
                 while self.samples.len() > MAX_SAMPLES {
                     self.samples.pop_front();
@@ -448,22 +483,20 @@ impl Diagnoser {
             .rev()
             .find(|s| s.result.is_ok())
             .map(|s| s.at);
-        let failures: Vec<&Sample> = self
+        // The failures since the last good reading, the latest first (no allocation: this
+        // runs for every awake machine on every pass).
+        let mut failures = self
             .samples
             .iter()
             .rev()
-            .take_while(|s| s.result.is_err())
-            .collect();
+            .map_while(|s| s.result.as_ref().err());
+        let latest = failures.next();
+        let count = usize::from(latest.is_some()) + failures.count();
         let need = (self.t.evidence_samples as usize).max(3);
         let span = self.t.poll_interval.as_millis() as Millis * 3;
         let since = last_ok.unwrap_or(self.started);
-        if failures.len() >= need && now.saturating_sub(since) >= span {
-            let msg = failures
-                .first()
-                .and_then(|s| s.result.as_ref().err())
-                .map(|f| f.message.clone())
-                .unwrap_or_default();
-            Some(msg)
+        if count >= need && now.saturating_sub(since) >= span {
+            Some(latest.map(|f| f.message.clone()).unwrap_or_default())
         } else {
             None
         }

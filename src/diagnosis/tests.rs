@@ -562,6 +562,35 @@ fn noisy() -> impl Strategy<Value = Vec<(u64, u8)>> {
 }
 
 proptest! {
+    /// What the monitor relies on to skip quiet machines: while `quiet_until` holds, the
+    /// verdict read at any later moment is the one read now.
+    #[test]
+    fn a_quiet_verdict_holds_until_quiet_until(steps in noisy(), probes in proptest::collection::vec(0u64..10_000, 1..8)) {
+        let mut d = Diagnoser::new(T, 0);
+        let mut t = 0;
+        let rack = RackView { total: 4, ..Default::default() };
+        for (gap, what) in steps {
+            t += gap;
+            match what {
+                0..=3 => d.observe(hb(t)),
+                4..=5 => d.observe(bmc_err(t)),
+                6 => d.observe(bmc(t, snap(PowerReading::Unknown))),
+                7 => d.observe(bmc(t, snap(PowerReading::Off))),
+                _ => d.observe(bmc(t, snap(PowerReading::On))),
+            }
+            let now = d.evaluate(t, rack);
+            if let Some(until) = d.quiet_until(t, &now) {
+                prop_assert!(until > t);
+                for p in &probes {
+                    let at = t + p % (until - t);
+                    let later = d.evaluate(at, rack);
+                    prop_assert_eq!(later.kind, now.kind, "at {} (quiet until {})", at, until);
+                    prop_assert_eq!(later.candidate, now.candidate);
+                }
+            }
+        }
+    }
+
     #[test]
     fn transient_noise_alone_never_yields_a_fencing_verdict(steps in noisy()) {
         let mut d = Diagnoser::new(T, 0);

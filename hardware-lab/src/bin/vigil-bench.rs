@@ -8,6 +8,12 @@
 //!   `vigil run` and real QEMU twins, for a hardware fault and a software hang, the phases
 //!   (detect, fence, boot) broken out from the fencing log.
 //!
+//! - `vigil-bench scale [--sizes 1000,3000,10000] [--window 60s] [--faults 12]`: the real
+//!   `vigil run` against the lab's scale mode (`vigil-lab scale`): per size, the appliance's CPU
+//!   and memory (total and per node), the achieved poll and heartbeat rates, the longest gap
+//!   between two polls of one BMC, politeness (requests in flight and sessions per BMC, sessions
+//!   left open after it stops), and fault-to-verdict latency for faults injected at random.
+//!
 //! Build with `cargo build --release --workspace` and run `target/release/vigil-bench ...`: the
 //! lab and vigil binaries are taken from beside it.
 
@@ -44,6 +50,19 @@ enum What {
         /// Injections per fault kind (power-loss and os-hang; the other kinds get a quarter).
         #[arg(long, default_value_t = 20)]
         runs: usize,
+    },
+    /// The appliance watching thousands of nodes (the lab's scale mode).
+    Scale {
+        /// Rack sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,3000,10000")]
+        sizes: Vec<usize>,
+        /// How long each size is measured (after every BMC has been polled and a settling time).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        window: Duration,
+        /// Faults injected at random moments of the window (power loss, OS hang, thermal trip in
+        /// turn), plus one slow BMC and one BMC that goes down.
+        #[arg(long, default_value_t = 12)]
+        faults: usize,
     },
     /// Fault to the twin's first heartbeat, with QEMU twins.
     Recovery {
@@ -576,5 +595,400 @@ fn main() -> anyhow::Result<()> {
         What::Poll { runs } => poll(runs),
         What::Detect { runs } => detect(runs),
         What::Recovery { guest, runs } => recovery(&guest, runs),
+        What::Scale {
+            sizes,
+            window,
+            faults,
+        } => scale(&sizes, window, faults),
     }
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A `/proc/PID/status` figure in KiB (VmRSS, VmHWM).
+fn proc_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(key)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// One gauge of vigil's /metrics.
+fn metric(addr: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return f64::NAN;
+    };
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    let mut r = String::new();
+    let _ = s.read_to_string(&mut r);
+    r.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// The fencing log's records as vigil writes them (its /api/events stream), stamped on arrival.
+fn events(addr: &str) -> anyhow::Result<std::sync::mpsc::Receiver<(Instant, Value)>> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+    )?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(s).lines().map_while(Result::ok) {
+            if let Some(d) = line.strip_prefix("data: ")
+                && let Ok(v) = serde_json::from_str::<Value>(d)
+                && tx.send((Instant::now(), v)).is_err()
+            {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn record_verdict(r: &Value) -> Option<(String, String)> {
+    if r["kind"] != "verdict" {
+        return None;
+    }
+    let k = &r["detail"]["verdict"];
+    let name = match k["kind"].as_str() {
+        Some(sub) => format!("{}:{sub}", k["verdict"].as_str().unwrap_or("")),
+        None => k["verdict"].as_str().unwrap_or("").to_string(),
+    };
+    Some((r["node"].as_str()?.to_string(), name))
+}
+
+struct ScaleRow {
+    nodes: usize,
+    lab_start_ms: u64,
+    lab_rss_mib: f64,
+    lab_cores: f64,
+    vigil_ready_s: f64,
+    cores: f64,
+    rss_mib: f64,
+    hwm_mib: f64,
+    polls_per_s: f64,
+    hb_per_s: f64,
+    max_gap_ms: u64,
+    late: u64,
+    in_flight: u64,
+    sessions_per_bmc: u64,
+    leaked: u64,
+    detect: BTreeMap<&'static str, Vec<f64>>,
+    missed: usize,
+}
+
+fn scale(sizes: &[usize], window: Duration, faults: usize) -> anyhow::Result<()> {
+    const POLL_S: f64 = 2.0;
+    const HB_S: f64 = 1.0;
+    let mut rows = Vec::new();
+    for &n in sizes {
+        eprintln!("scale: {n} nodes ...");
+        rows.push(scale_one(n, window, faults)?);
+    }
+    println!(
+        "\nvigil run against vigil-lab scale (Redfish status poll every {POLL_S} s, heartbeats every {HB_S} s, 3 misses; a full poll every 5th; window {} s; CPU and memory of the vigil process alone):",
+        window.as_secs()
+    );
+    println!(
+        "{:>6} {:>6} {:>8} {:>9} {:>8} {:>8} {:>10} {:>10} {:>9} {:>6} {:>9} {:>9} {:>7} {:>9} {:>9} {:>9}",
+        "nodes",
+        "cores",
+        "RSS MiB",
+        "peak MiB",
+        "µcore/n",
+        "KiB/n",
+        "polls/s",
+        "hb/s",
+        "max gap",
+        "late",
+        "inflight",
+        "sess/BMC",
+        "leaked",
+        "lab start",
+        "lab MiB",
+        "lab cores"
+    );
+    for r in &rows {
+        println!(
+            "{:>6} {:>6.3} {:>8.0} {:>9.0} {:>8.1} {:>8.1} {:>10} {:>10} {:>7}ms {:>6} {:>9} {:>9} {:>7} {:>7}ms {:>9.0} {:>9.3}",
+            r.nodes,
+            r.cores,
+            r.rss_mib,
+            r.hwm_mib,
+            r.cores * 1e6 / r.nodes as f64,
+            r.rss_mib * 1024.0 / r.nodes as f64,
+            format!("{:.0}/{:.0}", r.polls_per_s, r.nodes as f64 / POLL_S),
+            format!("{:.0}/{:.0}", r.hb_per_s, r.nodes as f64 / HB_S),
+            r.max_gap_ms,
+            r.late,
+            r.in_flight,
+            r.sessions_per_bmc,
+            r.leaked,
+            r.lab_start_ms,
+            r.lab_rss_mib,
+            r.lab_cores,
+        );
+    }
+    println!("\nfault to verdict at each size (the verdict record on vigil's event stream):");
+    println!(
+        "{:>6} {:<14} {:>5} {:>8} {:>8} {:>8}",
+        "nodes", "fault", "runs", "p50", "p99", "max"
+    );
+    for r in &rows {
+        for (k, v) in &r.detect {
+            let mut v = v.clone();
+            let max = v.iter().copied().fold(f64::NAN, f64::max);
+            println!(
+                "{:>6} {:<14} {:>5} {:>7.2}s {:>7.2}s {:>7.2}s",
+                r.nodes,
+                k,
+                v.len(),
+                pct(&mut v.clone(), 0.5),
+                pct(&mut v, 0.99),
+                max
+            );
+        }
+        if r.missed > 0 {
+            println!(
+                "{:>6} {} faults gave no verdict within 30 s",
+                r.nodes, r.missed
+            );
+        }
+    }
+    println!(
+        "\n(vigil ready: {})",
+        rows.iter()
+            .map(|r| format!("{} nodes in {:.1} s", r.nodes, r.vigil_ready_s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+fn scale_one(n: usize, window: Duration, faults: usize) -> anyhow::Result<ScaleRow> {
+    let dir = tempfile::tempdir()?;
+    let sd = dir.path().join("lab");
+    let mut lab = Command::new(bin("vigil-lab")?)
+        .args(["scale", "--nodes", &n.to_string(), "--state-dir"])
+        .arg(&sd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stop = |c: &mut Child| {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let _ = c.wait();
+    };
+    let t0 = Instant::now();
+    let ep = loop {
+        if let Ok(t) = std::fs::read_to_string(sd.join("scale.json"))
+            && let Ok(v) = serde_json::from_str::<Value>(&t)
+        {
+            break v;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            stop(&mut lab);
+            bail!("the scale lab did not start within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let control = ep["control_url"]
+        .as_str()
+        .context("no control_url")?
+        .trim_start_matches("http://")
+        .to_string();
+    let api_addr = ep["api_listen"]
+        .as_str()
+        .context("no api_listen")?
+        .to_string();
+    let lab_start_ms = ep["started_in_ms"].as_u64().unwrap_or(0);
+    let lab_stats = |c: &str| api(c, "GET", "/scale/stats", None).unwrap_or(Value::Null);
+    let mut vigil = Command::new(bin("vigil")?)
+        .args(["run", "--config"])
+        .arg(sd.join("vigil.toml"))
+        .current_dir(&sd)
+        .env(
+            "VIGIL_LOG",
+            std::env::var("VIGIL_BENCH_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(match std::env::var_os("VIGIL_BENCH_LOG_FILE") {
+            Some(f) => Stdio::from(std::fs::File::create(f)?),
+            None => Stdio::null(),
+        })
+        .spawn()?;
+    let vpid = vigil.id();
+    let result = (|| -> anyhow::Result<ScaleRow> {
+        // Ready: every BMC has a session (polled at least once), then a settling time.
+        let t1 = Instant::now();
+        loop {
+            let s = lab_stats(&control);
+            if s["sessions_open"].as_u64().unwrap_or(0) >= n as u64 {
+                break;
+            }
+            if t1.elapsed() > Duration::from_secs(180) {
+                bail!("vigil did not reach every BMC within 180 s: {s}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let vigil_ready_s = t1.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_secs(15));
+        let ev = events(&api_addr)?;
+        api(&control, "POST", "/scale/reset", None)?;
+        let hb0 = metric(&api_addr, "vigil_heartbeats_accepted");
+        let c0 = cpu_seconds(vpid);
+        let l0 = cpu_seconds(lab.id());
+        let w0 = Instant::now();
+        // The faults: at random moments of the window's first two thirds (so each has time to
+        // be judged), on distinct random nodes.
+        let kinds: [(&str, &str); 3] = [
+            ("power-loss", "hardware-fault:power"),
+            ("os-hang", "software-hang"),
+            ("thermal-trip", "hardware-fault:thermal"),
+        ];
+        let mut at: Vec<u64> = (0..faults)
+            .map(|_| rand::random::<u64>() % (window.as_millis() as u64 * 2 / 3).max(1))
+            .collect();
+        at.sort_unstable();
+        let mut used = std::collections::BTreeSet::new();
+        let mut pick = || loop {
+            let i = rand::random::<u64>() as usize % n;
+            if used.insert(i) {
+                return format!("n{i:05}");
+            }
+        };
+        // One slow BMC (answers after 5 s, past the 2 s timeout) and one that goes down, for
+        // the whole window: their cost must stay their own.
+        let slow = pick();
+        let down = pick();
+        api(
+            &control,
+            "POST",
+            &format!("/scale/inject?node={slow}&fault=slow&delay_ms=5000"),
+            None,
+        )?;
+        api(
+            &control,
+            "POST",
+            &format!("/scale/inject?node={down}&fault=bmc-down"),
+            None,
+        )?;
+        let mut pending: Vec<(String, &str, &str, Instant)> = Vec::new();
+        let mut detect: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+        let mut missed = 0;
+        let mut next = 0;
+        while w0.elapsed() < window {
+            while next < at.len() && w0.elapsed().as_millis() as u64 >= at[next] {
+                let (fault, verdict) = kinds[next % kinds.len()];
+                let node = pick();
+                let t = Instant::now();
+                api(
+                    &control,
+                    "POST",
+                    &format!("/scale/inject?node={node}&fault={fault}"),
+                    None,
+                )?;
+                pending.push((node, fault, verdict, t));
+                next += 1;
+            }
+            while let Ok((when, r)) = ev.recv_timeout(Duration::from_millis(50)) {
+                if let Some((node, v)) = record_verdict(&r)
+                    && let Some(i) = pending
+                        .iter()
+                        .position(|(n2, _, want, _)| *n2 == node && *want == v)
+                {
+                    let (_, fault, _, t) = pending.swap_remove(i);
+                    let key: &'static str =
+                        kinds.iter().find(|k| k.0 == fault).map_or("?", |k| k.0);
+                    detect
+                        .entry(key)
+                        .or_default()
+                        .push(when.duration_since(t).as_secs_f64());
+                }
+            }
+            pending.retain(|(node, fault, _, t)| {
+                let keep = t.elapsed() < Duration::from_secs(30);
+                if !keep {
+                    eprintln!("  {fault} on {node}: no verdict within 30 s");
+                    missed += 1;
+                }
+                keep
+            });
+        }
+        let secs = w0.elapsed().as_secs_f64();
+        let cores = (cpu_seconds(vpid) - c0) / secs;
+        let lab_cores = (cpu_seconds(lab.id()) - l0) / secs;
+        // The slow and the down BMC come back before vigil stops, so that it can close its
+        // sessions there too (a BMC that is down when its client stops keeps the session until
+        // its own idle timeout: that is the BMC's, not a leak of vigil's).
+        for node in [&slow, &down] {
+            api(
+                &control,
+                "POST",
+                &format!("/scale/repair?node={node}"),
+                None,
+            )?;
+        }
+        let hb1 = metric(&api_addr, "vigil_heartbeats_accepted");
+        let s = lab_stats(&control);
+        missed += pending.len();
+        let rss = proc_kib(vpid, "VmRSS:") as f64 / 1024.0;
+        let hwm = proc_kib(vpid, "VmHWM:") as f64 / 1024.0;
+        let lab_pid = lab.id();
+        let lab_rss_mib = proc_kib(lab_pid, "VmRSS:") as f64 / 1024.0;
+        Ok(ScaleRow {
+            nodes: n,
+            lab_start_ms,
+            lab_rss_mib,
+            lab_cores,
+            vigil_ready_s,
+            cores,
+            rss_mib: rss,
+            hwm_mib: hwm,
+            polls_per_s: s["polls"].as_f64().unwrap_or(0.0) / secs,
+            hb_per_s: (hb1 - hb0) / secs,
+            max_gap_ms: s["max_poll_gap_ms"].as_u64().unwrap_or(0),
+            late: s["late_polls"].as_u64().unwrap_or(0),
+            in_flight: s["max_in_flight_per_bmc"].as_u64().unwrap_or(0),
+            sessions_per_bmc: s["max_sessions_per_bmc"].as_u64().unwrap_or(0),
+            leaked: 0,
+            detect,
+            missed,
+        })
+    })();
+    std::thread::sleep(Duration::from_secs(5));
+    stop(&mut vigil);
+    let leaked = lab_stats(&control)["sessions_open"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    stop(&mut lab);
+    let mut row = result?;
+    row.leaked = leaked;
+    Ok(row)
 }

@@ -19,6 +19,7 @@ pub mod parse;
 pub mod tls;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::Mutex as StdMutex;
 use std::time::Duration;
 
@@ -73,6 +74,10 @@ struct LogCursor {
     seen: BTreeSet<String>,
 }
 
+/// Session logins (and the connections they open) in flight at once, appliance-wide.
+const LOGINS_AT_ONCE: usize = 32;
+static LOGINS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LOGINS_AT_ONCE);
+
 /// A Redfish BMC.
 #[derive(Debug)]
 pub struct RedfishBmc {
@@ -88,6 +93,16 @@ pub struct RedfishBmc {
     log: StdMutex<LogCursor>,
     /// Sensor URIs worth reading on firmware with only a Sensors collection (found once).
     sensor_uris: StdMutex<Option<Vec<String>>>,
+    /// The chassis resource (its links to the sensors) and the SEL's entries URI, read once:
+    /// a full poll then costs the readings alone. Forgotten when a read through them fails, so
+    /// a BMC whose layout changed (a firmware update) is walked again.
+    nav: StdMutex<Nav>,
+}
+
+#[derive(Debug, Default)]
+struct Nav {
+    chassis: Option<Arc<Value>>,
+    entries: Option<String>,
 }
 
 /// Walks an error's sources into one line: reqwest hides the reason (a refused connection, an
@@ -145,6 +160,7 @@ impl RedfishBmc {
             timeouts,
             log: StdMutex::new(LogCursor::default()),
             sensor_uris: StdMutex::new(None),
+            nav: StdMutex::new(Nav::default()),
         })
     }
 
@@ -207,6 +223,11 @@ impl RedfishBmc {
     /// Opens a session (the session lock is held by the caller).
     async fn login(&self, s: &mut Session) -> Result<(), BmcError> {
         let what = "session login";
+        // A login is a new connection too (the TLS handshake): at most LOGINS_AT_ONCE of them
+        // in the whole appliance, so a big rack's start (10,000 at once) queues here instead of
+        // timing out on an overloaded appliance and leaving sessions open on the BMCs. The
+        // wait is not a request: its timeout starts when the permit is taken.
+        let _permit = LOGINS.acquire().await;
         let url = format!("{}/redfish/v1/SessionService/Sessions", self.base);
         let resp = self
             .http
@@ -325,6 +346,12 @@ impl RedfishBmc {
 
     /// GET a resource as JSON.
     pub async fn get(&self, path: &str) -> Result<Value, BmcError> {
+        self.get_only(path, None).await
+    }
+
+    /// GET a resource, keeping only the properties at `pointers` (all of it when `None`); see
+    /// [`parse::project`].
+    async fn get_only(&self, path: &str, pointers: Option<&[&str]>) -> Result<Value, BmcError> {
         let (status, body) = self.exchange(Method::GET, path, None).await?;
         let what = format!("GET {path}");
         if !status.is_success() {
@@ -335,7 +362,11 @@ impl RedfishBmc {
                 message: Self::redfish_message(&body),
             });
         }
-        serde_json::from_slice(&body).map_err(|e| BmcError::Malformed {
+        match pointers {
+            Some(p) => parse::project(&body, p),
+            None => serde_json::from_slice(&body),
+        }
+        .map_err(|e| BmcError::Malformed {
             endpoint: self.endpoint.clone(),
             what,
             reason: e.to_string(),
@@ -430,11 +461,26 @@ impl RedfishBmc {
         let Some(svc) = &self.profile.redfish.sel else {
             return Ok(Vec::new());
         };
-        let svc_v = self.get(svc).await?;
-        let entries_uri = parse::link(&svc_v, "Entries")
-            .map(String::from)
-            .unwrap_or_else(|| format!("{}/Entries", svc.trim_end_matches('/')));
-        let coll = self.get(&entries_uri).await?;
+        let known = self.nav().entries.clone();
+        let entries_uri = match known {
+            Some(u) => u,
+            None => {
+                let svc_v = self.get(svc).await?;
+                parse::link(&svc_v, "Entries")
+                    .map(String::from)
+                    .unwrap_or_else(|| format!("{}/Entries", svc.trim_end_matches('/')))
+            }
+        };
+        let coll = match self.get(&entries_uri).await {
+            Ok(c) => {
+                self.nav().entries = Some(entries_uri);
+                c
+            }
+            Err(e) => {
+                self.nav().entries = None;
+                return Err(e);
+            }
+        };
         let entries = parse::log_entries(&coll);
         let mut cur = self.log.lock().unwrap_or_else(|p| p.into_inner());
         let mut fresh = Vec::new();
@@ -456,9 +502,15 @@ impl RedfishBmc {
         Ok(fresh)
     }
 
+    fn nav(&self) -> std::sync::MutexGuard<'_, Nav> {
+        self.nav.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn status_inner(&self, depth: Depth) -> Result<BmcSnapshot, BmcError> {
         let r = &self.profile.redfish;
-        let system = self.get(&self.system_path()).await?;
+        let pointers =
+            parse::system_pointers(&r.power_state, r.boot_progress.as_deref(), &r.health);
+        let system = self.get_only(&self.system_path(), Some(&pointers)).await?;
         let (power, boot, health) = parse::system_status(
             &system,
             &r.power_state,
@@ -478,13 +530,22 @@ impl RedfishBmc {
             gaps: Vec::new(),
         };
         if depth == Depth::Full {
-            match self.get(&self.chassis_path()).await {
+            let known = self.nav().chassis.clone();
+            let chassis = match known {
+                Some(c) => Ok(c),
+                None => self.get(&self.chassis_path()).await.map(Arc::new),
+            };
+            match chassis {
                 Ok(chassis) => match self.read_sensors(&chassis).await {
                     Ok((sensors, psus)) => {
                         snap.sensors = sensors;
                         snap.psus = psus;
+                        self.nav().chassis = Some(chassis);
                     }
-                    Err(e) => snap.gaps.push(format!("sensors: {e}")),
+                    Err(e) => {
+                        self.nav().chassis = None;
+                        snap.gaps.push(format!("sensors: {e}"));
+                    }
                 },
                 Err(e) => snap.gaps.push(format!("chassis: {e}")),
             }

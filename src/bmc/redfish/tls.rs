@@ -147,6 +147,11 @@ pub fn client_config(trust: &RedfishTrust) -> Result<rustls::ClientConfig, TlsEr
             }))
             .with_no_client_auth(),
     };
+    let mut cfg = cfg;
+    // One configuration talks to one BMC: rustls' default cache holds 256 servers' sessions
+    // (14 KB allocated up front), which at 10,000 BMCs is 140 MB for nothing. Two entries keep
+    // session resumption for the one server this is for.
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(2);
     Ok(cfg)
 }
 
