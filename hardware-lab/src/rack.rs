@@ -246,13 +246,15 @@ fn usual_user(profile: &str) -> &'static str {
     }
 }
 
-fn random_secret() -> String {
+/// A fresh random secret (48 hex digits).
+pub(crate) fn random_secret() -> String {
     (0..24)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect()
 }
 
-fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+/// Writes a file only its owner may read (secrets, configurations that name them).
+pub(crate) fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
     std::fs::write(path, content)
         .with_context(|| format!("{} cannot be written", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;

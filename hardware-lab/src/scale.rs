@@ -43,6 +43,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::mockup::Mockup;
+use crate::rack::{random_secret as secret, write_private};
 
 /// The first BMC address; the others follow it.
 pub const FIRST_ADDRESS: Ipv4Addr = Ipv4Addr::new(127, 64, 0, 1);
@@ -724,18 +725,6 @@ pub fn raise_fd_limit(want: u64) -> u64 {
     } else {
         soft
     }
-}
-
-fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::write(path, content)
-        .with_context(|| format!("{} cannot be written", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(())
-}
-
-fn secret() -> String {
-    format!("{:032x}", rand::random::<u128>())
 }
 
 impl ScaleLab {
