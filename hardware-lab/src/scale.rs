@@ -451,10 +451,6 @@ fn error(status: StatusCode, message: &str) -> Resp {
 }
 
 impl Shared {
-    fn now_ms(&self) -> u64 {
-        unix_now_ms()
-    }
-
     /// One request to BMC `i`.
     async fn handle(self: Arc<Self>, i: usize, req: Request<Incoming>) -> Result<Resp, Infallible> {
         let node = &self.nodes[i];
@@ -1156,7 +1152,7 @@ impl Shared {
         if fault == ScaleFault::BmcDown {
             n.down.store(true, Ordering::Relaxed);
         }
-        Ok(self.now_ms())
+        Ok(unix_now_ms())
     }
 
     fn repair(&self, node: &str) -> Result<(), String> {

@@ -107,7 +107,8 @@ pub struct Monitor {
     last_sweep: Option<Millis>,
     /// Quiet machines, by when they must be looked at again.
     sleeping: BTreeSet<(Millis, usize)>,
-    last_rack: Option<RackView>,
+    /// The appliance-isolation answer the machines were last evaluated against.
+    last_isolated: Option<bool>,
     /// The machines the last pass evaluated.
     touched: Vec<usize>,
     /// Counters: passes, machines evaluated, passes that woke every machine.
@@ -160,7 +161,7 @@ impl Monitor {
             machines,
             index,
             sleeping: BTreeSet::new(),
-            last_rack: None,
+            last_isolated: None,
             touched: Vec::new(),
             counts: MonitorCounts::default(),
         }
@@ -179,23 +180,6 @@ impl Monitor {
         if let Some(&i) = self.index.get(node) {
             self.machines[i].diag.observe(o);
             self.wake(i);
-        }
-    }
-
-    /// The rack's view at `now` (every machine read).
-    pub fn rack(&self, now: Millis) -> RackView {
-        RackView {
-            total: self.machines.len(),
-            heartbeat_lost: self
-                .machines
-                .iter()
-                .filter(|w| w.diag.heartbeat_lost(now))
-                .count(),
-            bmc_lost: self
-                .machines
-                .iter()
-                .filter(|w| w.diag.bmc_unreachable(now))
-                .count(),
         }
     }
 
@@ -239,11 +223,11 @@ impl Monitor {
                 ..RackView::default()
             }
         };
-        if self.last_rack.map(|r| r.appliance_isolated()) != Some(isolated) {
+        if self.last_isolated != Some(isolated) {
             for i in 0..self.machines.len() {
                 self.wake(i);
             }
-            self.last_rack = Some(rack);
+            self.last_isolated = Some(isolated);
             self.counts.whole_rack += 1;
         }
         if self
