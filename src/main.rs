@@ -8,6 +8,9 @@ use clap::Parser;
 /// small allocations a second across its threads (requests, JSON, verdicts), and the scale
 /// benchmark's profile showed a quarter of the poller threads' time in glibc's `_int_malloc` and
 /// `malloc_consolidate`, and a resident size that kept freed memory in per-thread arenas.
+/// The `system-allocator` feature builds with glibc's malloc instead, for heap profilers that
+/// hook malloc (heaptrack: `cargo build --release --features system-allocator`).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -169,7 +169,20 @@ pub struct Journal {
     _lock: nix::fcntl::Flock<File>,
     last_seq: u64,
     last_hash: String,
+    /// The records recovery and the fencing code read back: every kind but verdicts and
+    /// refusals (see [`remembered`]).
     records: Vec<Record>,
+    /// Every record in the file, those not kept included.
+    count: u64,
+}
+
+/// Whether a record of `kind` is kept in memory after it is written. Verdicts and refusals
+/// announce no action: nothing reads them back to decide (the file and the event stream carry
+/// them to operators). At 10,000 nodes they are nearly every record and each holds its
+/// evidence as JSON: kept, they were a third of the appliance's heap after a start and grew
+/// with every change of verdict for as long as it ran.
+pub fn remembered(kind: RecordKind) -> bool {
+    !matches!(kind, RecordKind::Verdict | RecordKind::Refusal)
 }
 
 impl std::fmt::Debug for Journal {
@@ -277,7 +290,13 @@ impl Journal {
             })?;
         let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|_| JournalError::Busy(path.clone()))?;
-        let records = verify(&path)?;
+        let mut records = verify(&path)?;
+        let count = records.len() as u64;
+        let (last_seq, last_hash) = records
+            .last()
+            .map_or((0, GENESIS.to_string()), |r| (r.seq, r.hash.clone()));
+        records.retain(|r| remembered(r.kind));
+        records.shrink_to_fit();
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -287,9 +306,6 @@ impl Journal {
                 what: "opened for writing",
                 source,
             })?;
-        let (last_seq, last_hash) = records
-            .last()
-            .map_or((0, GENESIS.to_string()), |r| (r.seq, r.hash.clone()));
         Ok(Self {
             listener: None,
             path,
@@ -298,6 +314,7 @@ impl Journal {
             last_seq,
             last_hash,
             records,
+            count,
         })
     }
 
@@ -311,9 +328,19 @@ impl Journal {
         &self.path
     }
 
-    /// Every record so far (as read at open, plus those appended since).
+    /// The records kept in memory (see [`remembered`]): read at open, plus those appended since.
     pub fn records(&self) -> &[Record] {
         &self.records
+    }
+
+    /// How many records the file holds (kept in memory or not).
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    /// Whether the file holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
     }
 
     /// The highest failover epoch recorded.
@@ -399,7 +426,10 @@ impl Journal {
         }
         self.last_seq = r.seq;
         self.last_hash = r.hash.clone();
-        self.records.push(r.clone());
+        self.count += 1;
+        if remembered(r.kind) {
+            self.records.push(r.clone());
+        }
         if let Some(l) = &self.listener {
             l(&r);
         }
@@ -451,6 +481,54 @@ mod tests {
         assert_eq!(j.records().len(), 2);
         assert_eq!(j.last_epoch(), 1);
         assert_eq!(j.records()[1].prev, j.records()[0].hash);
+    }
+
+    #[test]
+    fn verdicts_and_refusals_are_written_and_chained_but_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let v = j
+            .append_unsynced(
+                Some("db1"),
+                RecordKind::Verdict,
+                None,
+                "v",
+                json!({"why": [1, 2]}),
+            )
+            .unwrap();
+        j.append(Some("db1"), RecordKind::Refusal, None, "no", json!(null))
+            .unwrap();
+        let f = j
+            .append(
+                Some("db1"),
+                RecordKind::FenceBegin,
+                Some(3),
+                "fence",
+                json!(null),
+            )
+            .unwrap();
+        j.sync().unwrap();
+        assert_eq!((j.len(), j.records().len()), (3, 1));
+        assert_eq!(j.records()[0], f);
+        drop(j);
+        // The file has all three, chained; a reopen keeps the same one and goes on after them.
+        let all = verify(&dir.path().join(FILE_NAME)).unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0], v);
+        assert_eq!(all[2].prev, all[1].hash);
+        let mut j = Journal::open(dir.path()).unwrap();
+        assert_eq!((j.len(), j.records().len(), j.last_epoch()), (3, 1, 3));
+        let next = j
+            .append(
+                Some("db1"),
+                RecordKind::FenceConfirmed,
+                Some(3),
+                "off",
+                json!(null),
+            )
+            .unwrap();
+        assert_eq!((next.seq, next.prev.as_str()), (4, all[2].hash.as_str()));
+        assert_eq!(verify(&dir.path().join(FILE_NAME)).unwrap().len(), 4);
     }
 
     fn tampered(edit: impl Fn(String) -> String) -> JournalError {

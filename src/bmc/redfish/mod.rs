@@ -14,6 +14,7 @@
 //!
 //! Key types: [`RedfishBmc`].
 
+pub mod http;
 pub mod inventory;
 pub mod parse;
 pub mod tls;
@@ -23,7 +24,6 @@ use std::sync::Arc;
 use std::sync::Mutex as StdMutex;
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
@@ -82,8 +82,7 @@ static LOGINS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LOGINS
 #[derive(Debug)]
 pub struct RedfishBmc {
     endpoint: String,
-    base: String,
-    http: reqwest::Client,
+    http: http::Client,
     username: String,
     password: Secret,
     profile: FirmwareProfile,
@@ -105,8 +104,8 @@ struct Nav {
     entries: Option<String>,
 }
 
-/// Walks an error's sources into one line: reqwest hides the reason (a refused connection, an
-/// untrusted certificate) several levels down.
+/// Walks an error's sources into one line: rustls and the OS give the reason (an untrusted
+/// certificate, a refused connection) a level or two down.
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![e.to_string()];
     let mut cur = e.source();
@@ -134,21 +133,13 @@ impl RedfishBmc {
             endpoint: format!("{name} {}", endpoint.url),
             reason: chain(&e),
         })?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connect_timeout(timeouts.connect)
-            .timeout(timeouts.request)
-            .pool_max_idle_per_host(1)
-            .https_only(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| BmcError::Tls {
+        let http = http::Client::new(&endpoint.url, tls, timeouts.connect, timeouts.request)
+            .map_err(|e| BmcError::Connect {
                 endpoint: format!("{name} {}", endpoint.url),
-                reason: chain(&e),
+                reason: e.to_string(),
             })?;
         Ok(Self {
             endpoint: format!("{name} {}", endpoint.url),
-            base: endpoint.url.clone(),
             http,
             username: username.to_string(),
             password,
@@ -164,51 +155,31 @@ impl RedfishBmc {
         })
     }
 
-    fn map_err(&self, what: &str, e: reqwest::Error) -> BmcError {
-        let reason = chain(&e);
-        if e.is_timeout() {
-            BmcError::Timeout {
-                endpoint: self.endpoint.clone(),
+    fn map_err(&self, what: &str, e: http::HttpError) -> BmcError {
+        use http::HttpError as H;
+        let endpoint = self.endpoint.clone();
+        match e {
+            H::Timeout => BmcError::Timeout {
+                endpoint,
                 what: what.to_string(),
                 timeout_ms: self.timeouts.request.as_millis() as u64,
-            }
-        } else if reason.contains("certificate") || reason.contains("fingerprint") {
-            BmcError::Tls {
-                endpoint: self.endpoint.clone(),
-                reason,
-            }
-        } else {
-            BmcError::Connect {
-                endpoint: self.endpoint.clone(),
-                reason,
-            }
-        }
-    }
-
-    /// Reads a body, refusing more than [`MAX_BODY_BYTES`].
-    async fn body(&self, what: &str, mut resp: reqwest::Response) -> Result<Vec<u8>, BmcError> {
-        if resp
-            .content_length()
-            .is_some_and(|l| l > MAX_BODY_BYTES as u64)
-        {
-            return Err(BmcError::TooLarge {
-                endpoint: self.endpoint.clone(),
+            },
+            H::Tls(reason) => BmcError::Tls { endpoint, reason },
+            H::TooLarge(limit) => BmcError::TooLarge {
+                endpoint,
                 what: what.to_string(),
-                limit: MAX_BODY_BYTES,
-            });
+                limit,
+            },
+            H::Protocol(reason) => BmcError::Malformed {
+                endpoint,
+                what: what.to_string(),
+                reason,
+            },
+            e @ (H::Url { .. } | H::Connect(_) | H::Io(_)) => BmcError::Connect {
+                endpoint,
+                reason: e.to_string(),
+            },
         }
-        let mut buf = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| self.map_err(what, e))? {
-            if buf.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(BmcError::TooLarge {
-                    endpoint: self.endpoint.clone(),
-                    what: what.to_string(),
-                    limit: MAX_BODY_BYTES,
-                });
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        Ok(buf)
     }
 
     fn redfish_message(body: &[u8]) -> String {
@@ -228,28 +199,26 @@ impl RedfishBmc {
         // timing out on an overloaded appliance and leaving sessions open on the BMCs. The
         // wait is not a request: its timeout starts when the permit is taken.
         let _permit = LOGINS.acquire().await;
-        let url = format!("{}/redfish/v1/SessionService/Sessions", self.base);
+        let credentials = serde_json::to_vec(
+            &json!({ "UserName": self.username, "Password": self.password.expose() }),
+        )
+        .unwrap_or_default();
         let resp = self
             .http
-            .post(&url)
-            .json(&json!({ "UserName": self.username, "Password": self.password.expose() }))
-            .send()
+            .send(
+                "POST",
+                "/redfish/v1/SessionService/Sessions",
+                &[],
+                Some(&credentials),
+                MAX_BODY_BYTES,
+            )
             .await
             .map_err(|e| self.map_err(what, e))?;
-        let status = resp.status();
-        let token = resp
-            .headers()
-            .get("X-Auth-Token")
-            .and_then(|v| v.to_str().ok())
-            .map(String::from);
-        let location = resp
-            .headers()
-            .get(reqwest::header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from);
-        let body = self.body(what, resp).await?;
+        let token = resp.header("X-Auth-Token").map(String::from);
+        let location = resp.header("Location").map(String::from);
+        let (status, body) = (resp.status, resp.body);
         match status {
-            s2 if s2.is_success() => {
+            200..=299 => {
                 let Some(token) = token else {
                     return Err(BmcError::Malformed {
                         endpoint: self.endpoint.clone(),
@@ -266,15 +235,13 @@ impl RedfishBmc {
                 s.location = location;
                 Ok(())
             }
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(BmcError::Auth {
+            401 | 403 => Err(BmcError::Auth {
                 endpoint: self.endpoint.clone(),
             }),
-            StatusCode::SERVICE_UNAVAILABLE => Err(BmcError::SessionLimit {
+            503 => Err(BmcError::SessionLimit {
                 endpoint: self.endpoint.clone(),
             }),
-            StatusCode::NOT_FOUND
-            | StatusCode::METHOD_NOT_ALLOWED
-            | StatusCode::NOT_IMPLEMENTED => {
+            404 | 405 | 501 => {
                 // No SessionService: Basic it is, from now on.
                 s.basic_only = true;
                 Ok(())
@@ -282,7 +249,7 @@ impl RedfishBmc {
             other => Err(BmcError::Http {
                 endpoint: self.endpoint.clone(),
                 what: what.into(),
-                status: other.as_u16(),
+                status: other,
                 message: Self::redfish_message(&body),
             }),
         }
@@ -291,10 +258,10 @@ impl RedfishBmc {
     /// One exchange: authenticated, timed, capped; a 401 on a session renews it once.
     async fn exchange(
         &self,
-        method: Method,
+        method: &str,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<(StatusCode, Vec<u8>), BmcError> {
+    ) -> Result<(u16, Vec<u8>), BmcError> {
         let what = format!("{method} {path}");
         let mut s = self.session.lock().await;
         for attempt in 0..2 {
@@ -310,29 +277,34 @@ impl RedfishBmc {
                 }
             }
             let basic = s.basic_only || s.token.is_none();
-            let url = if path.starts_with("http") {
-                path.to_string()
-            } else {
-                format!("{}{path}", self.base)
+            let auth = match (&s.token, basic) {
+                (Some(t), false) => ("X-Auth-Token", t.clone()),
+                _ => (
+                    "Authorization",
+                    http::basic_auth(&self.username, self.password.expose()),
+                ),
             };
-            let mut req = self.http.request(method.clone(), &url);
-            req = match (&s.token, basic) {
-                (Some(t), false) => req.header("X-Auth-Token", t),
-                _ => req.basic_auth(&self.username, Some(self.password.expose())),
-            };
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            let resp = req.send().await.map_err(|e| self.map_err(&what, e))?;
-            let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED && !basic && attempt == 0 {
+            let json = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+            let resp = self
+                .http
+                .send(
+                    method,
+                    path,
+                    &[(auth.0, &auth.1)],
+                    json.as_deref(),
+                    MAX_BODY_BYTES,
+                )
+                .await
+                .map_err(|e| self.map_err(&what, e))?;
+            let status = resp.status;
+            if status == 401 && !basic && attempt == 0 {
                 // The session expired or the BMC rebooted: log in again, once.
                 s.token = None;
                 s.location = None;
                 continue;
             }
-            let bytes = self.body(&what, resp).await?;
-            if status == StatusCode::UNAUTHORIZED {
+            let bytes = resp.body;
+            if status == 401 {
                 return Err(BmcError::Auth {
                     endpoint: self.endpoint.clone(),
                 });
@@ -352,13 +324,13 @@ impl RedfishBmc {
     /// GET a resource, keeping only the properties at `pointers` (all of it when `None`); see
     /// [`parse::project`].
     async fn get_only(&self, path: &str, pointers: Option<&[&str]>) -> Result<Value, BmcError> {
-        let (status, body) = self.exchange(Method::GET, path, None).await?;
+        let (status, body) = self.exchange("GET", path, None).await?;
         let what = format!("GET {path}");
-        if !status.is_success() {
+        if !(200..300).contains(&status) {
             return Err(BmcError::Http {
                 endpoint: self.endpoint.clone(),
                 what,
-                status: status.as_u16(),
+                status,
                 message: Self::redfish_message(&body),
             });
         }
@@ -589,12 +561,12 @@ impl RedfishBmc {
             .map(String::from)
             .unwrap_or_else(|| format!("{}/Actions/ComputerSystem.Reset", self.system_path()));
         let (status, body) = self
-            .exchange(Method::POST, &target, Some(&json!({ "ResetType": rt })))
+            .exchange("POST", &target, Some(&json!({ "ResetType": rt })))
             .await?;
-        if status.is_success() {
+        if (200..300).contains(&status) {
             return Ok(ActionOutcome::Accepted);
         }
-        let code = status.as_u16();
+        let code = status;
         let what = format!("ComputerSystem.Reset {rt}");
         // An error to a power action may mean "already so": read back before believing it.
         if action == PowerAction::Off || action == PowerAction::On {
@@ -611,7 +583,7 @@ impl RedfishBmc {
                         _ => None,
                     })
                     .is_some();
-            if (quirk_says_already || status.is_client_error())
+            if (quirk_says_already || (400..500).contains(&status))
                 && let Ok(v) = self.get(&self.system_path()).await
             {
                 let r = &self.profile.redfish;
@@ -649,20 +621,14 @@ impl RedfishBmc {
     async fn close_inner(&self) {
         let mut s = self.session.lock().await;
         if let (Some(token), Some(loc)) = (s.token.take(), s.location.take()) {
-            let url = if loc.starts_with("http") {
-                loc
-            } else {
-                format!("{}{loc}", self.base)
-            };
             // Logging out is a courtesy to the BMC's session table; if it fails the session times
             // out on the BMC by itself.
             let _logged_out = self
                 .http
-                .delete(url)
-                .header("X-Auth-Token", token)
-                .send()
+                .send("DELETE", &loc, &[("X-Auth-Token", &token)], None, 64 << 10)
                 .await;
         }
+        self.http.close().await;
     }
 }
 
