@@ -17,13 +17,68 @@
 //! | a date-time without seconds gets `:00` | `TaskService/Tasks/545` (`StartTime`, `EndTime`) |
 //! | a link to a resource the mockup does not have is dropped (`DataSourceUri`, a registry `Location` `Uri`, `Links/Session` to a captured session) | `PowerSupplies/Bay1/Metrics` (13 PS1 sensors), `Registries/Base.1.5.0` (`Base.1.5.0.json`), `TaskService/Tasks/545` (session 1234567890ABCDEG) |
 //!
-//! Key function: [`correct`].
+//! The vendors' captures get one correction, of the lab data's own gap, not of the firmware:
+//! `shared/lab-data` dropped whole services from them to save space (`SOURCES.md`: accounts,
+//! certificates, schemas, registries, telemetry, fabrics, jobs, licences, component integrity,
+//! keys), so links into those services are removed from what the lab serves ([`trim_dropped`]):
+//! a BMC does not advertise what it does not serve. What the validator still finds in a vendor
+//! capture is that firmware's real behaviour, declared per firmware profile in
+//! `hardware-lab/validator/<profile>.toml` with the capture file that shows it.
+//!
+//! Key functions: [`correct`], [`trim_dropped`].
 
 use serde_json::Value;
 
 /// Whether a mockup is a DMTF synthetic one whose authoring errors the lab corrects.
 pub fn applies_to(mockup: &str) -> bool {
     mockup.starts_with("dmtf-public-")
+}
+
+/// The services `shared/lab-data/SOURCES.md` says were dropped from the vendor captures.
+pub const DROPPED_SERVICES: &[&str] = &[
+    "AccountService",
+    "CertificateService",
+    "JsonSchemas",
+    "Schemas",
+    "Registries",
+    "TelemetryService",
+    "Fabrics",
+    "JobService",
+    "LicenseService",
+    "ComponentIntegrity",
+    "KeyService",
+];
+
+fn into_dropped(v: &Value) -> bool {
+    let Some(o) = v.as_object() else {
+        return false;
+    };
+    o.len() == 1
+        && o.get("@odata.id")
+            .and_then(Value::as_str)
+            .and_then(|u| u.strip_prefix("/redfish/v1/"))
+            .is_some_and(|rest| {
+                let first = rest.split('/').next().unwrap_or("");
+                DROPPED_SERVICES
+                    .iter()
+                    .any(|d| d.eq_ignore_ascii_case(first))
+            })
+}
+
+/// Removes, from a vendor capture's payload, the links into services the lab data dropped
+/// (see the module's header): a property whose value is such a link, and such links in arrays.
+pub fn trim_dropped(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            o.retain(|_, x| !into_dropped(x));
+            o.values_mut().for_each(trim_dropped);
+        }
+        Value::Array(a) => {
+            a.retain(|x| !into_dropped(x));
+            a.iter_mut().for_each(trim_dropped);
+        }
+        _ => {}
+    }
 }
 
 fn is_datetime_without_seconds(s: &str) -> Option<String> {
@@ -165,6 +220,32 @@ mod tests {
         let mut c = json!({ "@odata.type": "#RoleCollection.RoleCollection" });
         correct("/redfish/v1/AccountService/Roles", &mut c, &exists);
         assert!(c.get("Id").is_none());
+    }
+
+    #[test]
+    fn links_into_dropped_services_are_trimmed_and_nothing_else() {
+        let mut v = json!({
+            "AccountService": { "@odata.id": "/redfish/v1/AccountService" },
+            "Systems": { "@odata.id": "/redfish/v1/Systems" },
+            "Links": {
+                "Certificates": [
+                    { "@odata.id": "/redfish/v1/CertificateService/Certificates/1" },
+                    { "@odata.id": "/redfish/v1/Managers/1/Certificates/2" }
+                ],
+                "Registry": { "@odata.id": "/redfish/v1/Registries/Base", "Name": "kept: not a bare link" }
+            }
+        });
+        trim_dropped(&mut v);
+        assert_eq!(
+            v,
+            json!({
+                "Systems": { "@odata.id": "/redfish/v1/Systems" },
+                "Links": {
+                    "Certificates": [{ "@odata.id": "/redfish/v1/Managers/1/Certificates/2" }],
+                    "Registry": { "@odata.id": "/redfish/v1/Registries/Base", "Name": "kept: not a bare link" }
+                }
+            })
+        );
     }
 
     #[test]

@@ -57,6 +57,25 @@ pub struct Mockup {
     pub name: String,
     /// Every resource by URI (no trailing slash).
     pub resources: BTreeMap<String, Value>,
+    /// Lower-cased URI to URI, for a capture from firmware that serves URIs whatever their case
+    /// (see [`Mockup::load`]); `None` for the others, whose URIs are exact.
+    folded: Option<BTreeMap<String, String>>,
+}
+
+/// Every `@odata.id` link in `v`.
+fn links<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o {
+                match (k.as_str(), x) {
+                    ("@odata.id", Value::String(s)) => out.push(s),
+                    _ => links(x, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| links(x, out)),
+        _ => {}
+    }
 }
 
 /// `uri` without a trailing slash, query or fragment.
@@ -121,18 +140,51 @@ impl Mockup {
                 }
             }
         }
+        // A collection member captured only inline (Supermicro's LogEntry collections carry
+        // whole entries in Members, and the capture tool did not fetch them one by one) is
+        // served at its own URI too, as the firmware does.
+        let mut inline = Vec::new();
+        for v in resources.values() {
+            for m in v["Members"].as_array().into_iter().flatten() {
+                if let (Some(id), Some(o)) = (m["@odata.id"].as_str(), m.as_object())
+                    && o.len() > 1
+                    && !resources.contains_key(normalize(id))
+                {
+                    inline.push((normalize(id).to_string(), m.clone()));
+                }
+            }
+        }
+        resources.extend(inline);
+        // A capture whose own links name its resources in another case (iLO 5 links
+        // `/redfish/v1/systems/1/bios` from `Systems/1`) comes from firmware that serves URIs
+        // whatever their case: so does the lab, for that capture only.
+        let mut all = Vec::new();
+        resources.values().for_each(|v| links(v, &mut all));
+        let lower: BTreeMap<String, String> = resources
+            .keys()
+            .map(|k| (k.to_lowercase(), k.clone()))
+            .collect();
+        let case_blind = all.iter().any(|l| {
+            let l = normalize(l);
+            !resources.contains_key(l) && lower.contains_key(&l.to_lowercase())
+        });
         Ok(Self {
             name: dir
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default(),
             resources,
+            folded: case_blind.then_some(lower),
         })
     }
 
     /// The resource at `uri`.
     pub fn get(&self, uri: &str) -> Option<&Value> {
-        self.resources.get(normalize(uri))
+        let uri = normalize(uri);
+        self.resources.get(uri).or_else(|| {
+            let folded = self.folded.as_ref()?.get(&uri.to_lowercase())?;
+            self.resources.get(folded)
+        })
     }
 }
 
@@ -150,6 +202,28 @@ mod tests {
             short.get("/redfish/v1/Systems/437XR1138R2").unwrap()["Id"],
             "437XR1138R2"
         );
+    }
+
+    #[test]
+    fn inline_members_are_served_and_case_is_folded_only_where_the_firmware_does() {
+        // Supermicro: LogEntry members captured inline only.
+        let smc = Mockup::named("supermicro-sys-821ge-tnhr").unwrap();
+        let e = smc
+            .get("/redfish/v1/Systems/1/LogServices/Log1/Entries/12")
+            .expect("an inline-only member");
+        assert_eq!(
+            e["@odata.id"],
+            "/redfish/v1/Systems/1/LogServices/Log1/Entries/12"
+        );
+        assert!(smc.get("/redfish/v1/systems/1").is_none(), "exact URIs");
+        // iLO 5 links its Bios in lower case.
+        let ilo = Mockup::named("hpe-proliant-dl385-gen10plus-v2").unwrap();
+        assert_eq!(
+            ilo.get("/redfish/v1/systems/1/bios").unwrap()["@odata.id"],
+            ilo.get("/redfish/v1/Systems/1/Bios").unwrap()["@odata.id"]
+        );
+        let dmtf = Mockup::named("dmtf-public-rackmount1").unwrap();
+        assert!(dmtf.get("/redfish/v1/systems/437XR1138R2").is_none());
     }
 
     #[test]

@@ -527,6 +527,8 @@ fn get_resource(bmc: &Bmc, path: &str) -> Response {
             }
         };
         crate::conformance::correct(path, v, &exists);
+    } else if let Some(v) = v.as_mut() {
+        crate::conformance::trim_dropped(v);
     }
     let (malformed, oversized) = (s.mood.malformed_json, s.mood.oversized_body);
     drop(s);
