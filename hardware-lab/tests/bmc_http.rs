@@ -371,3 +371,137 @@ async fn an_untrusted_certificate_and_a_closed_port_are_told_apart() {
     let e = c.send("GET", "/x", &[], None, CAP).await.unwrap_err();
     assert!(matches!(e, HttpError::Connect(_)), "{e:?}");
 }
+
+#[tokio::test]
+async fn a_post_is_never_sent_twice_and_a_get_is_sent_again_once() {
+    // The BMC drops the kept connection after it has the second request, without answering.
+    let s = server(Arc::new(|conn, n, _| match (conn, n) {
+        (0, 0) => Step::Send(ok("{}")),
+        (0, _) => Step::Close,
+        _ => Step::Send(ok("{\"again\":true}")),
+    }))
+    .await;
+    let c = client(&s);
+    c.send("GET", "/x", &[], None, CAP).await.unwrap();
+    let e = c
+        .send("POST", "/reset", &[], Some(b"{}"), CAP)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, HttpError::Io(_)), "{e:?}");
+    assert_eq!(s.requests.lock().unwrap().len(), 2, "the POST went once");
+
+    let s = server(Arc::new(|conn, n, _| match (conn, n) {
+        (0, 0) => Step::Send(ok("{}")),
+        (0, _) => Step::Close,
+        _ => Step::Send(ok("{\"again\":true}")),
+    }))
+    .await;
+    let c = client(&s);
+    c.send("GET", "/x", &[], None, CAP).await.unwrap();
+    let r = c.send("GET", "/y", &[], None, CAP).await.unwrap();
+    assert_eq!(r.body, b"{\"again\":true}");
+    assert_eq!(s.requests.lock().unwrap().len(), 3, "the GET went twice");
+    assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+
+    // An interim 100 proves the BMC has the request: a failure after it is not retried.
+    let s = server(Arc::new(|conn, n, _| match (conn, n) {
+        (0, 0) => Step::Send(ok("{}")),
+        (0, _) => Step::SendClose(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()),
+        _ => Step::Send(ok("{}")),
+    }))
+    .await;
+    let c = client(&s);
+    c.send("GET", "/x", &[], None, CAP).await.unwrap();
+    let e = c.send("GET", "/y", &[], None, CAP).await.unwrap_err();
+    assert!(matches!(e, HttpError::Io(_)), "{e:?}");
+    assert_eq!(s.requests.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn hostile_chunk_sizes_and_trailers_are_bounded() {
+    let s = server(Arc::new(|_, _, head| {
+        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+        let mut b = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        match path.as_str() {
+            "/wrap" => b.extend_from_slice(b"2\r\nab\r\nFFFFFFFFFFFFFFFE\r\n"),
+            "/overflow" => b.extend_from_slice(b"2\r\nab\r\n1000000000000000000000000\r\n"),
+            "/plus" => b.extend_from_slice(b"+2\r\nab\r\n0\r\n\r\n"),
+            _ => {
+                b.extend_from_slice(b"0\r\n");
+                for _ in 0..20_000 {
+                    b.extend_from_slice(b"X-Flood: yes\r\n");
+                }
+            }
+        }
+        Step::SendClose(b)
+    }))
+    .await;
+    let c = client(&s);
+    let e = c.send("GET", "/wrap", &[], None, CAP).await.unwrap_err();
+    assert!(matches!(e, HttpError::TooLarge(CAP)), "{e:?}");
+    for p in ["/overflow", "/plus", "/trailers"] {
+        let e = c.send("GET", p, &[], None, CAP).await.unwrap_err();
+        assert!(matches!(e, HttpError::Protocol(_)), "{p}: {e:?}");
+    }
+}
+
+#[tokio::test]
+async fn framing_is_strict_and_secrets_stay_out_of_debug() {
+    let s = server(Arc::new(|_, _, head| {
+        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+        match path.as_str() {
+            "/two-lengths" => Step::SendClose(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}".to_vec(),
+            ),
+            "/gzip" => Step::SendClose(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nraw-until-close".to_vec(),
+            ),
+            _ => Step::Send(
+                b"HTTP/1.1 201 Created\r\nX-Auth-Token: s3cr3t-t0k3n\r\nContent-Length: 2\r\n\r\n{}"
+                    .to_vec(),
+            ),
+        }
+    }))
+    .await;
+    let c = client(&s);
+    let e = c
+        .send("GET", "/two-lengths", &[], None, CAP)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, HttpError::Protocol(_)), "{e:?}");
+    let r = c.send("GET", "/gzip", &[], None, CAP).await.unwrap();
+    assert_eq!(r.body, b"raw-until-close");
+    let r = c
+        .send("POST", "/login", &[], Some(b"{}"), CAP)
+        .await
+        .unwrap();
+    assert_eq!(r.header("x-auth-token"), Some("s3cr3t-t0k3n"));
+    assert!(!format!("{r:?}").contains("s3cr3t"), "{r:?}");
+    let e = c
+        .send("GET", "Sessions/1", &[], None, CAP)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, HttpError::Protocol(_)), "{e:?}");
+}
+
+#[tokio::test]
+async fn a_bmc_answering_plain_http_on_its_tls_port_is_a_failed_connection_not_a_trust_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let _ = tcp
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let c = Client::new(
+        &url,
+        client_config(&RedfishTrust::Fingerprint([7; 32])).unwrap(),
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let e = c.send("GET", "/x", &[], None, CAP).await.unwrap_err();
+    assert!(matches!(e, HttpError::Connect(_)), "{e:?}");
+}

@@ -8,12 +8,15 @@
 //! state and the socket alone: the buffers of an exchange live while it does.
 //!
 //! What it does: a connect timeout (TCP and TLS) and a whole-exchange timeout; a
-//! Content-Length, chunked or close-delimited body, capped; a head capped at 64 KiB; the
-//! connection kept when the BMC keeps it. A BMC closes idle connections when it likes (its
-//! keep-alive timeout, a reboot): a request on a reused connection that fails before any byte
-//! of the answer came is sent once more on a new connection, as browsers do; nothing else is
-//! retried. Not done: redirects (the answer is returned as it is), proxies, HTTP/2,
-//! compression, `Expect: 100-continue`.
+//! Content-Length, chunked or close-delimited body, capped; a head and trailers capped at
+//! 64 KiB; the connection kept when the BMC keeps it. A BMC closes idle connections when it
+//! likes (its keep-alive timeout, a reboot): a kept connection is looked at before it is used
+//! (a non-blocking read: the end of the stream, an error or any stray byte and it is dropped
+//! for a new one). If it still fails before any byte of the answer came, an idempotent request
+//! (GET, HEAD, PUT, DELETE) is sent once more on a new connection; a POST never is (a reset or
+//! a login the BMC may have acted on is not sent twice: the caller reads back instead). Not
+//! done: redirects (the answer is returned as it is), proxies, HTTP/2, compression,
+//! `Expect: 100-continue`.
 //!
 //! An absolute URL from the BMC (a session's `Location`) is followed by its path on this
 //! BMC's connection: BMCs behind address translation name themselves by an address the
@@ -71,14 +74,27 @@ pub enum HttpError {
     Io(String),
 }
 
-/// An answer.
-#[derive(Debug)]
+/// An answer. (Its `Debug` names the headers but never shows their values: a login's answer
+/// carries the session token.)
 pub struct Response {
     /// The status code.
     pub status: u16,
     headers: Vec<(String, String)>,
     /// The body, whole.
     pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("status", &self.status)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("body_bytes", &self.body.len())
+            .finish()
+    }
 }
 
 impl Response {
@@ -156,8 +172,13 @@ pub fn basic_auth(user: &str, password: &str) -> String {
 
 /// Splits `https://host[:port][/prefix]`.
 fn split_url(url: &str) -> Result<(String, String, u16, String), HttpError> {
+    let shown = if url.contains('@') {
+        "(a URL with credentials in it, not shown)".to_string()
+    } else {
+        url.to_string()
+    };
     let bad = |reason| HttpError::Url {
-        url: url.to_string(),
+        url: shown.clone(),
         reason,
     };
     let rest = url
@@ -236,15 +257,22 @@ impl Client {
 
     /// The path a target names on this BMC: a relative path after the base URL's, an
     /// absolute URL's own path (see the module's header).
-    fn path_of(&self, target: &str) -> String {
+    fn path_of(&self, target: &str) -> Result<String, HttpError> {
         if target.starts_with('/') {
-            return format!("{}{target}", self.prefix);
+            return Ok(format!("{}{target}", self.prefix));
         }
-        let after_scheme = target.split_once("://").map_or(target, |(_, r)| r);
-        match after_scheme.find('/') {
+        let Some((_, after_scheme)) = target.split_once("://") else {
+            // A relative reference (`Sessions/1`) would need the request's path to resolve:
+            // no BMC vigil knows sends one, so it is refused rather than guessed.
+            return Err(HttpError::Protocol(format!(
+                "refused to follow a relative reference {:?}",
+                target.chars().take(120).collect::<String>()
+            )));
+        };
+        Ok(match after_scheme.find('/') {
             Some(i) => after_scheme[i..].to_string(),
             None => "/".to_string(),
-        }
+        })
     }
 
     fn head(
@@ -303,21 +331,19 @@ impl Client {
         body: Option<&[u8]>,
         max_body: usize,
     ) -> Result<Response, HttpError> {
-        let head = self.head(
-            method,
-            &self.path_of(target),
-            headers,
-            body.map(<[u8]>::len),
-        )?;
+        let path = self.path_of(target)?;
+        let head = self.head(method, &path, headers, body.map(<[u8]>::len))?;
+        let idempotent = matches!(method, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS");
         let exchange = async {
-            let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let reused = taken.is_some();
-            let mut conn = match taken {
+            let kept = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let kept = kept.and_then(|mut c| still_usable(&mut c).then_some(c));
+            let reused = kept.is_some();
+            let mut conn = match kept {
                 Some(c) => c,
                 None => self.connect().await?,
             };
             let result = match exchange(&mut conn, method, &head, body, max_body).await {
-                Err(f) if f.before_answer && reused => {
+                Err(f) if f.before_answer && reused && idempotent => {
                     tracing::debug!(bmc = %self.authority, error = %f.error, "the kept connection was closed: a new one");
                     conn = self.connect().await?;
                     exchange(&mut conn, method, &head, body, max_body).await
@@ -347,7 +373,17 @@ impl Client {
             let _ = tcp.set_nodelay(true);
             self.tls.connect(self.name.clone(), tcp).await.map_err(|e| {
                 match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                    Some(r) => HttpError::Tls(r.to_string()),
+                    // Only the certificate is a matter of trust (not transient); an alert, a
+                    // BMC answering plain HTTP while it reboots or a broken record is a
+                    // connection that failed, tried again at the next poll.
+                    Some(
+                        r @ (rustls::Error::InvalidCertificate(_)
+                        | rustls::Error::NoCertificatesPresented),
+                    ) => HttpError::Tls(r.to_string()),
+                    Some(r @ rustls::Error::General(m)) if m.contains("certificate") => {
+                        HttpError::Tls(r.to_string())
+                    }
+                    Some(r) => HttpError::Connect(format!("TLS handshake: {r}")),
                     None => HttpError::Connect(format!("TLS handshake: {}", io_text(&e))),
                 }
             })
@@ -366,10 +402,23 @@ impl Client {
     }
 }
 
+/// Whether a kept connection can carry a request: nothing to read on it yet. The end of the
+/// stream (the BMC closed it while idle), an error, or a stray byte (an answer nobody asked
+/// for, a `408` some servers send before closing) and it is dropped: a stray byte would
+/// otherwise be read as the next answer. TLS records that are not data (session tickets) are
+/// taken in by the read and are no reason to drop it.
+fn still_usable(conn: &mut TlsStream<TcpStream>) -> bool {
+    use futures_util::FutureExt as _;
+    let mut probe = [0u8; 1];
+    // Polled once, without waiting: `None` is "would block", the healthy idle state.
+    conn.read(&mut probe).now_or_never().is_none()
+}
+
 /// Reads more into `buf`; `Ok(0)` is the end of the stream (with or without close_notify:
 /// many BMCs just close).
 async fn read_more(conn: &mut TlsStream<TcpStream>, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+    // Room only when there is none: a body whose length is known was reserved exactly.
+    if buf.capacity() == buf.len() {
         buf.reserve(READ_CHUNK);
     }
     match conn.read_buf(buf).await {
@@ -482,26 +531,48 @@ async fn exchange(
         .map_err(|e| Failure::early(HttpError::Io(io_text(&e))))?;
 
     let mut buf: Vec<u8> = Vec::new();
+    // Whether any byte of an answer came (an interim 100 included: then the BMC has the
+    // request, and a failure after it is not "before the answer").
+    let mut answered = false;
+    // Where the search for the head's end goes on from (the head is parsed once it is whole,
+    // not again after every read).
+    let mut scanned = 0;
     let head = loop {
-        if !buf.is_empty() {
-            match parse_head(&buf).map_err(Failure::late)? {
-                // 1xx answers are interim: the real one follows.
-                Some(h) if (100..200).contains(&h.status) => {
-                    buf.drain(..h.len);
-                    continue;
-                }
-                Some(h) => break h,
-                None if buf.len() > MAX_HEAD_BYTES => {
-                    return Err(Failure::late(HttpError::Protocol(
-                        "an answer head larger than 64 KiB".into(),
-                    )));
-                }
-                None => {}
+        if let Some(end) = buf
+            .get(scanned..)
+            .and_then(|b| b.windows(4).position(|w| w == b"\r\n\r\n"))
+        {
+            let h = parse_head(&buf[..scanned + end + 4])
+                .map_err(Failure::late)?
+                .ok_or_else(|| {
+                    Failure::late(HttpError::Protocol(
+                        "an answer head that does not end".into(),
+                    ))
+                })?;
+            // 1xx answers are interim: the real one follows.
+            if (100..200).contains(&h.status) {
+                buf.drain(..h.len);
+                scanned = 0;
+                continue;
             }
+            break h;
         }
+        scanned = buf.len().saturating_sub(3);
+        if buf.len() > MAX_HEAD_BYTES {
+            return Err(Failure::late(HttpError::Protocol(
+                "an answer head larger than 64 KiB".into(),
+            )));
+        }
+        let fail = |e: HttpError| {
+            if answered {
+                Failure::late(e)
+            } else {
+                Failure::early(e)
+            }
+        };
         match read_more(conn, &mut buf).await {
-            Ok(0) if buf.is_empty() => {
-                return Err(Failure::early(HttpError::Io(
+            Ok(0) if !answered => {
+                return Err(fail(HttpError::Io(
                     "the BMC closed the connection without answering".into(),
                 )));
             }
@@ -510,42 +581,52 @@ async fn exchange(
                     "the BMC closed the connection inside its answer head".into(),
                 )));
             }
-            Ok(_) => {}
-            Err(e) if buf.is_empty() => return Err(Failure::early(HttpError::Io(io_text(&e)))),
-            Err(e) => return Err(Failure::late(HttpError::Io(io_text(&e)))),
+            Ok(_) => answered = true,
+            Err(e) => return Err(fail(HttpError::Io(io_text(&e)))),
         }
     };
     buf.drain(..head.len);
     let too_large = || Failure::late(HttpError::TooLarge(max_body));
-    let value = |name: &str| {
+    let protocol = |m: String| Failure::late(HttpError::Protocol(m));
+    let values = |name: &str| -> Vec<&str> {
         head.headers
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+            .collect()
     };
     let mut keep = head.keep_alive;
-    let chunked = value("transfer-encoding")
-        .and_then(|v| v.rsplit(',').next())
-        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+    // Transfer codings, all headers joined: the last one says how the body ends.
+    let codings = values("transfer-encoding").join(",");
+    let last_coding = codings
+        .rsplit(',')
+        .next()
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty());
+    let lengths = values("content-length");
     let body = if method == "HEAD" || head.status == 204 || head.status == 304 {
         keep &= buf.is_empty();
         Vec::new()
-    } else if chunked {
+    } else if last_coding.as_deref() == Some("chunked") {
         let mut out = Vec::new();
         let mut pos = 0;
         loop {
             let end = line_end(conn, &mut buf, pos).await?;
             let line = std::str::from_utf8(&buf[pos..end]).unwrap_or("");
             let size_text = line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_text, 16).map_err(|_| {
-                Failure::late(HttpError::Protocol(format!(
-                    "a bad chunk size {:?}",
-                    size_text.chars().take(20).collect::<String>()
-                )))
-            })?;
+            let size = (!size_text.is_empty() && size_text.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| usize::from_str_radix(size_text, 16).ok())
+                .flatten()
+                .ok_or_else(|| {
+                    protocol(format!(
+                        "a bad chunk size {:?}",
+                        size_text.chars().take(20).collect::<String>()
+                    ))
+                })?;
             pos = end + 2;
             if size == 0 {
-                // Trailers, until an empty line.
+                // Trailers, until an empty line; as capped as a head.
+                let start = pos;
                 loop {
                     let end = line_end(conn, &mut buf, pos).await?;
                     let empty = end == pos;
@@ -553,17 +634,19 @@ async fn exchange(
                     if empty {
                         break;
                     }
+                    if pos - start > MAX_HEAD_BYTES {
+                        return Err(protocol("trailers larger than 64 KiB".into()));
+                    }
                 }
                 break;
             }
-            if out.len() + size > max_body {
+            // out.len() <= max_body always: no overflow, however large the size.
+            if size > max_body - out.len() {
                 return Err(too_large());
             }
             fill(conn, &mut buf, pos + size + 2).await?;
             if &buf[pos + size..pos + size + 2] != b"\r\n" {
-                return Err(Failure::late(HttpError::Protocol(
-                    "a chunk not followed by CRLF".into(),
-                )));
+                return Err(protocol("a chunk not followed by CRLF".into()));
             }
             out.extend_from_slice(&buf[pos..pos + size]);
             buf.drain(..pos + size + 2);
@@ -571,13 +654,24 @@ async fn exchange(
         }
         keep &= pos == buf.len();
         out
-    } else if let Some(cl) = value("content-length") {
-        let len: usize = cl.parse().map_err(|_| {
-            Failure::late(HttpError::Protocol(format!(
-                "a bad Content-Length {:?}",
-                cl.chars().take(20).collect::<String>()
-            )))
-        })?;
+    } else if last_coding.is_some() {
+        // A coding other than chunked last: the body ends with the connection (RFC 9112 6.3).
+        read_to_end(conn, buf, max_body).await?
+    } else if let Some(cl) = lengths.first() {
+        if lengths.iter().any(|l| l != cl) {
+            return Err(protocol("differing Content-Length headers".into()));
+        }
+        let len: usize = cl
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| cl.parse().ok())
+            .flatten()
+            .ok_or_else(|| {
+                protocol(format!(
+                    "a bad Content-Length {:?}",
+                    cl.chars().take(20).collect::<String>()
+                ))
+            })?;
         if len > max_body {
             return Err(too_large());
         }
@@ -590,17 +684,7 @@ async fn exchange(
     } else {
         // Delimited by the end of the connection.
         keep = false;
-        loop {
-            if buf.len() > max_body {
-                return Err(too_large());
-            }
-            match read_more(conn, &mut buf).await {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => return Err(Failure::late(HttpError::Io(io_text(&e)))),
-            }
-        }
-        buf
+        read_to_end(conn, buf, max_body).await?
     };
     Ok((
         Response {
@@ -610,6 +694,28 @@ async fn exchange(
         },
         keep,
     ))
+}
+
+/// Reads a body delimited by the end of the connection, capped.
+async fn read_to_end(
+    conn: &mut TlsStream<TcpStream>,
+    mut buf: Vec<u8>,
+    max_body: usize,
+) -> Result<Vec<u8>, Failure> {
+    loop {
+        if buf.len() > max_body {
+            return Err(Failure::late(HttpError::TooLarge(max_body)));
+        }
+        match read_more(conn, &mut buf).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => return Err(Failure::late(HttpError::Io(io_text(&e)))),
+        }
+    }
+    if buf.len() > max_body {
+        return Err(Failure::late(HttpError::TooLarge(max_body)));
+    }
+    Ok(buf)
 }
 
 #[cfg(test)]
