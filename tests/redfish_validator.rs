@@ -174,7 +174,7 @@ impl Declared {
             .collect::<Vec<_>>()
             .join("/");
         self.uris.iter().any(|u| glob(u, uri))
-            && (self.property == property || glob(&self.property, &property))
+            && glob(&self.property, &property)
             && rest.contains(&self.message)
     }
 }

@@ -172,8 +172,6 @@ pub struct Journal {
     /// The records recovery and the fencing code read back: every kind but verdicts and
     /// refusals (see [`remembered`]).
     records: Vec<Record>,
-    /// Every record in the file, those not kept included.
-    count: u64,
 }
 
 /// Whether a record of `kind` is kept in memory after it is written. Verdicts and refusals
@@ -291,7 +289,6 @@ impl Journal {
         let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|_| JournalError::Busy(path.clone()))?;
         let mut records = verify(&path)?;
-        let count = records.len() as u64;
         let (last_seq, last_hash) = records
             .last()
             .map_or((0, GENESIS.to_string()), |r| (r.seq, r.hash.clone()));
@@ -314,7 +311,6 @@ impl Journal {
             last_seq,
             last_hash,
             records,
-            count,
         })
     }
 
@@ -331,16 +327,6 @@ impl Journal {
     /// The records kept in memory (see [`remembered`]): read at open, plus those appended since.
     pub fn records(&self) -> &[Record] {
         &self.records
-    }
-
-    /// How many records the file holds (kept in memory or not).
-    pub fn len(&self) -> u64 {
-        self.count
-    }
-
-    /// Whether the file holds no record.
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
     }
 
     /// The highest failover epoch recorded.
@@ -426,7 +412,6 @@ impl Journal {
         }
         self.last_seq = r.seq;
         self.last_hash = r.hash.clone();
-        self.count += 1;
         if remembered(r.kind) {
             self.records.push(r.clone());
         }
@@ -508,8 +493,8 @@ mod tests {
             )
             .unwrap();
         j.sync().unwrap();
-        assert_eq!((j.len(), j.records().len()), (3, 1));
-        assert_eq!(j.records()[0], f);
+        assert_eq!(j.records(), [f]);
+        assert_eq!(verify(&dir.path().join(FILE_NAME)).unwrap().len(), 3);
         drop(j);
         // The file has all three, chained; a reopen keeps the same one and goes on after them.
         let all = verify(&dir.path().join(FILE_NAME)).unwrap();
@@ -517,7 +502,7 @@ mod tests {
         assert_eq!(all[0], v);
         assert_eq!(all[2].prev, all[1].hash);
         let mut j = Journal::open(dir.path()).unwrap();
-        assert_eq!((j.len(), j.records().len(), j.last_epoch()), (3, 1, 3));
+        assert_eq!((j.records().len(), j.last_epoch()), (1, 3));
         let next = j
             .append(
                 Some("db1"),
