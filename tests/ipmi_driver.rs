@@ -309,3 +309,119 @@ async fn a_silent_bmc_costs_its_timeout_and_a_restarted_one_gets_a_new_session()
     assert_eq!(b.stats().sessions_opened, 2);
     b.close().await;
 }
+
+/// rack4 with db1's OS setting a hard-reset watchdog and web1's a power-down one, 3 s each.
+fn watchdog_rack(t: String) -> String {
+    t.replace(
+        "time_scale = 0.02",
+        "time_scale = 0.005\nwatchdog_timeout_ms = 3000",
+    )
+    .replace(
+        "firmware_profile = \"idrac9\"",
+        "firmware_profile = \"idrac9\"\nwatchdog_action = \"hard-reset\"",
+    )
+    .replace(
+        "firmware_profile = \"ilo5\"",
+        "firmware_profile = \"ilo5\"\nwatchdog_action = \"power-down\"",
+    )
+}
+
+/// Waits until `f` holds, for at most `secs`; returns how long it took.
+fn until(secs: u64, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "never: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    t0.elapsed()
+}
+
+fn sel_count(c: &Creds, needle: &str) -> usize {
+    ipmitool(c, &["sel", "elist"])
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_os_watchdog_runs_in_the_bmc_in_band_and_acts_when_the_os_hangs() {
+    let lab = Lab::rack4(watchdog_rack);
+    let (db1, web1) = (creds(&lab, "db1"), creds(&lab, "web1"));
+    // The OS (the real `vigil agent`) armed the BMC's timer in-band, as an OS driver does.
+    until(10, "db1's OS arms its watchdog", || {
+        ipmitool(&db1, &["mc", "watchdog", "get"]).contains("Hard Reset (0x31)")
+    });
+    let wd = ipmitool(&db1, &["mc", "watchdog", "get"]);
+    for want in [
+        "SMS/OS (0x04)",
+        "Initial Countdown:      3.0 sec",
+        "Timer Expiration Flags: None (0x00)",
+    ] {
+        assert!(wd.contains(want), "{want}: {wd}");
+    }
+    assert!(ipmitool(&web1, &["mc", "watchdog", "get"]).contains("Power Down (0x32)"));
+    // Petted, it does not run out: two countdowns pass without an expiry.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(sel_count(&db1, "Watchdog2"), 0);
+    assert_eq!(sel_count(&web1, "Watchdog2"), 0);
+    let b = driver(&lab, "db1");
+    let w = b.status(Depth::Full).await.unwrap().watchdog.unwrap();
+    assert!(!w.expired && w.timeout_ms == 3000, "{w:?}");
+
+    lab.inject("db1", json!({"kind": "os-hang"}));
+    lab.inject("web1", json!({"kind": "os-hang"}));
+    // One countdown after the last pet, the BMC's own watchdog acts: its record, its
+    // expiration flag, and the host reset (db1) or off (web1), seen on every path.
+    until(8, "db1's watchdog resets it", || {
+        sel_count(&db1, "Watchdog2 IPMI Watchdog | Hard reset | Asserted") == 1
+    });
+    assert!(ipmitool(&db1, &["mc", "watchdog", "get"]).contains("Timer Expiration Flags: (0x10)"));
+    assert!(
+        b.status(Depth::Full)
+            .await
+            .unwrap()
+            .watchdog
+            .unwrap()
+            .expired
+    );
+    let s = lab.server("db1");
+    assert!(
+        s["resets"].to_string().contains("WatchdogRestart"),
+        "{}",
+        s["resets"]
+    );
+    assert!(
+        s["sel"].to_string().contains("Hard reset"),
+        "the Redfish SEL shows it too: {}",
+        s["sel"]
+    );
+    until(8, "web1's watchdog powers it off", || {
+        sel_count(&web1, "Watchdog2 IPMI Watchdog | Power down | Asserted") == 1
+    });
+    until(5, "web1 off on both faces", || {
+        ipmitool(&web1, &["chassis", "power", "status"]).contains("is off")
+            && lab.server("web1")["power_state"] == "Off"
+    });
+    // The hang is in force until repaired: db1 boots again and hangs before its agent starts,
+    // so nobody re-arms the timer and it does not fire a second time.
+    until(20, "db1 back up, hung", || {
+        let s = lab.server("db1");
+        s["power_state"] == "On" && s["os"] == "hung" && s["boot_progress"] == "OSRunning"
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(sel_count(&db1, "Hard reset"), 1);
+
+    // Repaired, the OS arms the timer again (clearing the flag) and a second hang is logged
+    // again: the lab clears the sensor bit that ipmi_sim never clears by itself.
+    lab.repair("db1");
+    until(10, "db1's new OS re-arms", || {
+        ipmitool(&db1, &["mc", "watchdog", "get"]).contains("Timer Expiration Flags: None")
+    });
+    assert!(!ipmitool(&db1, &["sdr", "elist"]).contains("Hard reset"));
+    std::thread::sleep(Duration::from_secs(2));
+    lab.inject("db1", json!({"kind": "os-hang"}));
+    until(8, "the second expiry is logged", || {
+        sel_count(&db1, "Hard reset") == 2
+    });
+    b.close().await;
+}

@@ -309,3 +309,52 @@ fn with_redfish_down_a_node_is_still_watched_and_judged_through_ipmi() {
         .to_string();
     assert!(last.contains("IPMI") || last.contains("ipmi"), "{last}");
 }
+
+#[test]
+fn a_hang_whose_watchdog_resets_or_powers_off_the_host_is_a_software_hang() {
+    // The OSes arm their BMC's watchdog with an action (in-band, in the real ipmi_sim): db1
+    // hard reset, web1 power down, web2 power cycle. The BMC acts one countdown after the hang,
+    // so vigil sees a host in POST again, or off, and must still call it a hang, not a boot to
+    // wait for nor a power fault.
+    let lab = Lab::rack4(|t| {
+        fast_rack(t)
+            .replace("watchdog_timeout_ms = 2000", "watchdog_timeout_ms = 3000")
+            .replace(
+                "firmware_profile = \"idrac9\"",
+                "firmware_profile = \"idrac9\"\nwatchdog_action = \"hard-reset\"",
+            )
+            .replace(
+                "firmware_profile = \"ilo5\"",
+                "firmware_profile = \"ilo5\"\nwatchdog_action = \"power-down\"",
+            )
+            .replace(
+                "firmware_profile = \"xcc\"",
+                "firmware_profile = \"xcc\"\nwatchdog_action = \"power-cycle\"",
+            )
+    });
+    let mut w = Watch::start(&lab);
+    for n in ["db1", "web1", "web2"] {
+        w.expect(n, "healthy", Duration::from_secs(15));
+    }
+    for n in ["db1", "web1", "web2"] {
+        lab.inject(n, json!({"kind": "os-hang"}));
+    }
+    for (n, acted) in [
+        ("db1", "WatchdogRestart"),
+        ("web1", "WatchdogOff"),
+        ("web2", "WatchdogOff"),
+    ] {
+        let t = w.expect(n, "software-hang", Duration::from_secs(12));
+        let resets = lab.server(n)["resets"].to_string();
+        assert!(resets.contains(acted), "{n}: {resets}");
+        eprintln!("{n}: software-hang in {} ms", t.as_millis());
+    }
+    // Nothing on the way was called a hardware fault.
+    w.drain();
+    let wrong: Vec<&Value> = w
+        .seen
+        .iter()
+        .filter(|v| name(&v["diagnosis"]["kind"]).starts_with("hardware-fault"))
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

@@ -10,9 +10,11 @@
 //! is down (bmc-down, dark, bmc-reboot, ipmi-down) the process is stopped and started again on
 //! the way up (sessions lost, SEL kept, sensor states restored silently).
 //!
-//! Limits, on purpose: the watchdog is the lab's own model (the OS pets it through the lab, not
-//! in-band through ipmi_sim's system interface), so an expiry shows as the Watchdog2 sensor and
-//! its SEL record but not as Get Watchdog Timer's expiration flag. Get Chassis Status's fault
+//! The watchdog is armed and petted in-band by [`crate::ipmi_host`]. With an action (hard reset,
+//! power down, power cycle), ipmi_sim counts it down, logs the expiry, sets Get Watchdog Timer's
+//! expiration flag and acts; this task clears sensor 0 afterwards. A status-only watchdog never
+//! runs in ipmi_sim, so its expiry is the lab model's, mirrored as the Watchdog2 sensor and its
+//! SEL record, without the expiration flag. Limits, on purpose: Get Chassis Status's fault
 //! bits and last power event are constant in ipmi_sim (README.md): power faults show in the
 //! sensors and the SEL, as on most real BMCs.
 //!
@@ -45,6 +47,8 @@ pub struct IpmiSim {
     pub port: u16,
     /// TCP port of the console.
     pub console_port: u16,
+    /// TCP port of the system interface (VM codec): [`host`] connects here as the host.
+    pub host_port: u16,
     cmd: Vec<String>,
     state_dir: PathBuf,
     child: Option<Child>,
@@ -161,6 +165,7 @@ impl IpmiSim {
                 name: name.to_string(),
                 port,
                 console_port,
+                host_port,
                 cmd,
                 state_dir: state_dir.clone(),
                 child: None,
@@ -340,8 +345,11 @@ pub async fn sync(
     let sim = Arc::new(std::sync::Mutex::new(sim));
     let mut applied: BTreeSet<&'static str> = BTreeSet::new();
     let mut watchdog_asserted = false;
+    // Expiries whose action bit was cleared in sensor 0 (ipmi_sim logs an expiry only when the
+    // bit changes, and never clears it: README.md, Watchdog 7).
+    let mut expiries_cleared = 0;
     loop {
-        let (want, expired, down) = {
+        let (want, expired, down, to_clear) = {
             let s = server.state();
             let now = server.clock.now();
             let want: BTreeSet<&'static str> = s
@@ -350,7 +358,14 @@ pub async fn sync(
                 .filter_map(|(f, _)| fault_key(f.kind, f.all))
                 .collect();
             let down = !s.bmc_reachable(now) || s.mood.ipmi_down;
-            (want, s.watchdog.expired, down)
+            let w = s.watchdog;
+            // Status only: the model's expiry is mirrored into sensor 0. With an action,
+            // ipmi_sim's own expiry wrote it; its bit is cleared once the next OS has armed
+            // the timer, so that the next expiry logs again.
+            let status_only = w.action == crate::server::WatchdogAction::None;
+            let to_clear =
+                (!status_only && w.armed && w.expiries > expiries_cleared).then_some(w.expiries);
+            (want, status_only && w.expired, down, to_clear)
         };
         let sim2 = sim.clone();
         let step = {
@@ -398,6 +413,9 @@ pub async fn sync(
                         });
                         wd = expired;
                     }
+                    if to_clear.is_some() {
+                        lines.extend((1..=3).map(|o| format!("sensor_set_bit 0x20 0 0 {o} 0 0")));
+                    }
                     if !lines.is_empty() {
                         let errors = sim.console(&lines)?;
                         if !errors.is_empty() {
@@ -413,6 +431,9 @@ pub async fn sync(
             Ok(Ok((a, wd))) => {
                 applied = a;
                 watchdog_asserted = wd;
+                if let Some(n) = to_clear {
+                    expiries_cleared = n;
+                }
             }
             Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "IPMI BMC sync failed"),
             Err(e) => tracing::warn!(error = %e, "IPMI BMC sync panicked"),

@@ -13,6 +13,7 @@
 //! - [`mockup`]: real Redfish captures the BMCs are seeded from.
 //! - [`os`]: the simulated OS: the real `vigil agent`, a heartbeat relay, the watchdog channel.
 //! - [`ipmi`]: one real `ipmi_sim` per server, mirrored from the server; `ipmi-chassis`.
+//! - [`ipmi_host`]: the host side of each `ipmi_sim`'s system interface (the in-band watchdog).
 //! - [`faults`]: the faults the lab injects, one per row of the evidence matrix, and BMC moods.
 //! - [`control`]: the control API and its client.
 //! - [`tls`]: the lab CA and the BMCs' certificates.
@@ -23,6 +24,7 @@ pub mod conformance;
 pub mod control;
 pub mod faults;
 pub mod ipmi;
+pub mod ipmi_host;
 pub mod mockup;
 pub mod os;
 pub mod power;

@@ -9,11 +9,15 @@
 //!   unless the server's service network is cut (isolation, dark), so the agent itself never
 //!   knows it is isolated, like a real one;
 //! - the in-band watchdog channel: a unix datagram socket the agent pets through (the lab's
-//!   stand-in for /dev/watchdog), which feeds the server's watchdog model.
+//!   stand-in for /dev/watchdog), which feeds the server's watchdog model; [`crate::ipmi_host`]
+//!   passes the pets on to the server's real IPMI BMC.
+//!
+//! On a failover or backup server, [`host_vms`] makes the virtual nodes the appliance runs
+//! there die with the server's power.
 //!
 //! Scope: processes and sockets. What the OS state *is* comes from `server.rs`.
 //!
-//! Key types: [`OsSim`], [`find_vigil_binary`].
+//! Key types: [`OsSim`], [`host_vms`], [`find_vigil_binary`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -118,7 +122,8 @@ impl OsSim {
             }
         };
         if let Some(mut a) = agent.take() {
-            a.signal(Signal::SIGCONT);
+            // SIGKILL ends a stopped process too: it is never resumed to die (it would send
+            // what its timers owe first).
             let _killed = a.child.kill().await;
         }
         let _removed = std::fs::remove_file(&self.watchdog_path);
@@ -140,7 +145,9 @@ impl OsSim {
         if (!should_run || rebooted)
             && let Some(mut a) = agent.take()
         {
-            a.signal(Signal::SIGCONT);
+            // Killed as it is, frozen or not: a hung OS that is reset or powered off sends
+            // nothing more. (Resumed first, it sent the heartbeats and pets its timers owed,
+            // after its BMC's watchdog had already acted.)
             let _killed = a.child.kill().await;
         }
         if should_run && agent.is_none() && os != OsState::Hung {
@@ -191,4 +198,44 @@ impl OsSim {
 /// The folder for the lab's unix sockets (short: unix socket paths are limited to 108 bytes).
 pub fn socket_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("wd")
+}
+
+/// A failover or backup server's virtual nodes live on its power: while the server is off, none
+/// of them runs. The appliance starts them with real QEMU on this machine, in
+/// `vms_dir/<vm>/` (its QEMU driver's folder for this host); each time the server reads off,
+/// every QEMU of that folder is killed (SIGKILL, by the PID it wrote, checked to be that QEMU).
+/// The appliance then finds its twins there stopped, as it would find them on a real host that
+/// lost power. Runs until `cancel`.
+pub async fn host_vms(
+    server: Arc<SimServer>,
+    vms_dir: PathBuf,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    loop {
+        let off = server.state().power.power_state() == crate::power::PowerState::Off;
+        if off {
+            for vm in std::fs::read_dir(&vms_dir).into_iter().flatten().flatten() {
+                let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) else {
+                    continue;
+                };
+                let Ok(pid) = pid.trim().parse::<i32>() else {
+                    continue;
+                };
+                // Only that VM's QEMU: the pid file may be stale and the number reused.
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                if cmdline.starts_with("qemu-system")
+                    && cmdline.contains(&*vm.path().to_string_lossy())
+                {
+                    tracing::info!(server = %server.name, vm = %vm.file_name().to_string_lossy(), pid, "the host is off: its virtual node dies with it");
+                    let _gone = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = server.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
 }

@@ -75,6 +75,10 @@ pub struct ServerSpec {
     /// Nodes: the virtual twin's size; hosts: their capacity.
     #[serde(default)]
     pub size: Option<Size>,
+    /// What its BMC does when the OS stops petting the watchdog: none (status only, the
+    /// default), hard-reset, power-down or power-cycle.
+    #[serde(default)]
+    pub watchdog_action: crate::server::WatchdogAction,
 }
 
 /// A topology file.
@@ -158,6 +162,22 @@ impl Topology {
         }
         if !(t.time_scale > 0.0 && t.time_scale <= 1.0) {
             bail!("topology {}: time_scale must be in (0, 1]", path.display());
+        }
+        // A watchdog with an action runs in ipmi_sim with a 2 s pre-timeout (ipmi_host), which
+        // must fit inside the countdown with room for a pet; IPMI counts it in 100 ms units.
+        if let Some(s) = t
+            .servers
+            .iter()
+            .find(|s| s.watchdog_action != crate::server::WatchdogAction::None)
+            && !(3_000..=6_553_500).contains(&t.watchdog_timeout_ms)
+        {
+            bail!(
+                "topology {}: server {} has watchdog_action {:?}, which needs watchdog_timeout_ms between 3000 and 6553500 (it is {})",
+                path.display(),
+                s.name,
+                s.watchdog_action,
+                t.watchdog_timeout_ms
+            );
         }
         Ok(t)
     }
@@ -398,6 +418,8 @@ impl Rack {
             {
                 let mut st = server.state();
                 st.watchdog.timeout_ms = topology.watchdog_timeout_ms;
+                st.watchdog.action = spec.watchdog_action;
+                st.watchdog.in_band = ipmi;
             }
             let heartbeat_target = match &vigil_bin {
                 Some(vigil) => {
@@ -421,6 +443,15 @@ impl Rack {
                 }
                 None => heartbeat_listen.clone(),
             };
+            if matches!(spec.role, Role::Failover | Role::Backup) {
+                // Its twins die with its power (they run on this machine, in the folder the
+                // appliance's QEMU driver uses for this host).
+                tasks.spawn(crate::os::host_vms(
+                    server.clone(),
+                    state_dir.join("appliance").join("vms").join(&spec.name),
+                    cancel.child_token(),
+                ));
+            }
             let cert = ca.issue(&spec.name)?;
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             listener.set_nonblocking(true)?;
@@ -439,6 +470,11 @@ impl Rack {
                     &control_url,
                 )?;
                 let port = sim.port;
+                tasks.spawn(crate::ipmi_host::run(
+                    server.clone(),
+                    sim.host_port,
+                    cancel.child_token(),
+                ));
                 tasks.spawn(crate::ipmi::sync(server.clone(), sim, cancel.child_token()));
                 Some(port)
             } else {

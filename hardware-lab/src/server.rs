@@ -89,6 +89,46 @@ pub enum OsState {
     Isolated,
 }
 
+/// What the BMC does when the OS stops petting its watchdog: the action the OS sets (Set
+/// Watchdog Timer's timeout action), a per-server choice in the topology.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WatchdogAction {
+    /// Status only: the expiry is logged and the host left as it is. ipmi_sim cannot run such a
+    /// timer (a Reset Watchdog with no action stops it), so the lab's own model counts it down.
+    #[default]
+    None,
+    /// Hard reset (Linux `ipmi_watchdog`'s default): the host reboots.
+    HardReset,
+    /// Power down: the hung host turns itself off.
+    PowerDown,
+    /// Power cycle: off, then on again.
+    PowerCycle,
+}
+
+impl WatchdogAction {
+    /// The timeout action's code in Set Watchdog Timer (IPMI 2.0 table 27-2).
+    pub fn code(self) -> u8 {
+        match self {
+            Self::None => 0,
+            Self::HardReset => 1,
+            Self::PowerDown => 2,
+            Self::PowerCycle => 3,
+        }
+    }
+
+    /// The Watchdog 2 sensor's event for an expiry with this action (IPMI table 42-3, as the
+    /// lab's Redfish SEL writes it).
+    pub fn event(self) -> &'static str {
+        match self {
+            Self::None => "Timer expired, status only",
+            Self::HardReset => "Hard reset",
+            Self::PowerDown => "Power down",
+            Self::PowerCycle => "Power cycle",
+        }
+    }
+}
+
 /// The host's IPMI watchdog timer, as the OS arms and pets it and the BMC counts it down.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Watchdog {
@@ -100,6 +140,14 @@ pub struct Watchdog {
     pub last_pet: Millis,
     /// Whether it ran out (cleared by the next pet).
     pub expired: bool,
+    /// What the BMC does when it runs out.
+    pub action: WatchdogAction,
+    /// Whether the server's real IPMI BMC counts it down (the OS arms and pets ipmi_sim's
+    /// watchdog in-band, and ipmi_sim's expiry acts): then the model does not expire it itself,
+    /// unless the action is status only, which ipmi_sim cannot run.
+    pub in_band: bool,
+    /// Expiries so far (the IPMI mirror clears the sensor after each, so the next one logs).
+    pub expiries: u64,
 }
 
 impl Watchdog {
@@ -234,6 +282,9 @@ impl SimServer {
                     timeout_ms: DEFAULT_WATCHDOG_TIMEOUT_MS,
                     last_pet: now,
                     expired: false,
+                    action: WatchdogAction::None,
+                    in_band: false,
+                    expiries: 0,
                 },
                 self_petting: true,
             }),
@@ -293,6 +344,12 @@ impl SimServer {
     pub fn pet_watchdog(&self) {
         let now = self.clock.now();
         let mut s = self.state();
+        // Only a running OS pets. A datagram that arrives once the host is down or the OS hung
+        // was sent before (or by an agent resumed only to be killed on a reset): arming the
+        // timer of a host in POST with it would make the BMC reset it again a countdown later.
+        if !matches!(s.os, OsState::Running | OsState::Isolated) {
+            return;
+        }
         s.watchdog.armed = true;
         s.watchdog.last_pet = now;
         s.watchdog.expired = false;
@@ -301,7 +358,9 @@ impl SimServer {
     /// Whether a heartbeat sent now reaches the appliance (the service network is up).
     pub fn heartbeat_passes(&self) -> bool {
         let s = self.state();
-        if s.os == OsState::Isolated || s.has(FaultKind::NetworkIsolation) || s.has(FaultKind::Dark)
+        // Only a running OS sends: a datagram still in flight from an OS that hung or went down
+        // is not passed on after the fact.
+        if s.os != OsState::Running || s.has(FaultKind::NetworkIsolation) || s.has(FaultKind::Dark)
         {
             return false;
         }
@@ -376,18 +435,19 @@ impl ServerState {
             self.watchdog.last_pet = now;
             self.watchdog.expired = false;
         }
-        if self.watchdog.armed
+        let model_counts = !self.watchdog.in_band || self.watchdog.action == WatchdogAction::None;
+        if model_counts
+            && self.watchdog.armed
             && !self.watchdog.expired
             && now.saturating_sub(self.watchdog.last_pet) >= self.watchdog.timeout_ms
         {
-            self.watchdog.expired = true;
-            self.add_sel(
-                "Warning",
-                "Watchdog 2",
-                "IPMI Watchdog",
-                "Timer expired, status only",
-                "Asserted",
-            );
+            let power = match self.watchdog.action {
+                WatchdogAction::None => None,
+                WatchdogAction::HardReset => Some(PowerAction::Restart),
+                WatchdogAction::PowerDown => Some(PowerAction::Off),
+                WatchdogAction::PowerCycle => Some(PowerAction::Cycle),
+            };
+            self.watchdog_expired(power, now);
         }
         // Faults with a duration end by themselves, as a repair of just them.
         let (ended, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.faults)
@@ -404,6 +464,29 @@ impl ServerState {
         }
     }
 
+    /// The watchdog ran out: the Watchdog 2 record, then the action's power change (`None` for
+    /// status only). Called by the model's own countdown, or by the host connection when the real
+    /// IPMI BMC sends RESET or POWEROFF.
+    pub fn watchdog_expired(&mut self, power: Option<PowerAction>, now: Millis) {
+        self.watchdog.expired = true;
+        self.watchdog.expiries += 1;
+        let event = self.watchdog.action.event();
+        self.add_sel("Warning", "Watchdog 2", "IPMI Watchdog", event, "Asserted");
+        if let Some(p) = power {
+            // Not a request through a BMC interface: `resets` keeps it apart from those.
+            self.resets.push((now, format!("Watchdog{p:?}")));
+            // A cycle of a powered host is seen from outside as a restart (POST again), as in
+            // `power_action`. In-band, ipmi_sim sends POWEROFF and turns the host on again itself
+            // through chassis control, so the host connection passes `Off`.
+            let ev = match p {
+                PowerAction::Off => self.power.power_off(now),
+                PowerAction::Restart | PowerAction::Cycle => self.power.restart(now),
+                PowerAction::On => self.power.power_on(now),
+            };
+            self.on_power_events(&ev);
+        }
+    }
+
     fn on_power_events(&mut self, events: &[PowerEvent]) {
         for e in events {
             match e {
@@ -414,8 +497,11 @@ impl ServerState {
                     self.watchdog.expired = false;
                 }
                 PowerEvent::OsRunning => {
-                    self.os = if self.has(FaultKind::NetworkIsolation) || self.has(FaultKind::Dark)
-                    {
+                    self.os = if self.has(FaultKind::OsHang) {
+                        // The hang is in force until repaired: the OS hangs again once up
+                        // (before its agent starts), as after a watchdog reset.
+                        OsState::Hung
+                    } else if self.has(FaultKind::NetworkIsolation) || self.has(FaultKind::Dark) {
                         OsState::Isolated
                     } else {
                         OsState::Running
@@ -464,13 +550,18 @@ impl ServerState {
                 if self.os != OsState::Down {
                     self.os = OsState::Hung;
                 }
-                self.add_sel(
-                    "Warning",
-                    "Watchdog 2",
-                    "IPMI Watchdog",
-                    "Timer expired, status only",
-                    "Asserted",
-                );
+                // Status only: the record is written at the hang, as the lab always has (the
+                // scenarios' timelines rest on it). With an action, the expiry writes it, one
+                // countdown after the last pet, and acts.
+                if self.watchdog.action == WatchdogAction::None {
+                    self.add_sel(
+                        "Warning",
+                        "Watchdog 2",
+                        "IPMI Watchdog",
+                        "Timer expired, status only",
+                        "Asserted",
+                    );
+                }
             }
             KernelPanic => {
                 self.add_sel(

@@ -517,6 +517,24 @@ impl Diagnoser {
             .map(|(_, e)| e)
     }
 
+    /// A watchdog expiry logged after the node's last heartbeat (its message): the OS stopped
+    /// petting and the BMC's timer ran out, whatever it then did to the host (reset, power down
+    /// or cycle). A heartbeat after the record (the OS back after the reset) clears it.
+    fn watchdog_fired_since_heartbeat(&self) -> Option<String> {
+        let last_hb = self.last_heartbeat.unwrap_or(0);
+        self.log
+            .iter()
+            .filter(|(at, e)| *at > last_hb && e.asserted)
+            .map(|(_, e)| e)
+            .find(|e| {
+                e.sensor_type
+                    .as_deref()
+                    .is_some_and(|t| t.starts_with("Watchdog"))
+                    || e.message.to_ascii_lowercase().contains("watchdog")
+            })
+            .map(|e| e.message.clone())
+    }
+
     fn log_has(&self, now: Millis, pred: impl Fn(&LogEntry, &str) -> bool) -> Option<String> {
         self.recent_log(now)
             .filter(|e| e.asserted)
@@ -690,6 +708,13 @@ impl Diagnoser {
                     (HardwareKind::VoltageRegulator, "a voltage regulator fault")
                 } else if psu {
                     (HardwareKind::Psu, "every PSU failed")
+                } else if let Some(m) = self.watchdog_fired_since_heartbeat() {
+                    // A watchdog whose action is power down (or cycle) turned the hung host off.
+                    return (
+                        Kind::SoftwareHang,
+                        format!("heartbeat lost and the host is off, turned off by its watchdog: the OS hung: {m}"),
+                        evidence,
+                    );
                 } else {
                     (HardwareKind::Power, "power lost")
                 };
@@ -699,11 +724,18 @@ impl Diagnoser {
                     evidence,
                 )
             }
-            PowerReading::PoweringOn => (
-                Kind::Suspect,
-                "heartbeat lost while the host powers on: waiting for its boot".into(),
-                evidence,
-            ),
+            PowerReading::PoweringOn => match self.watchdog_fired_since_heartbeat() {
+                Some(m) => (
+                    Kind::SoftwareHang,
+                    format!("heartbeat lost and its watchdog expired since (the BMC powers it on again): the OS hung: {m}"),
+                    evidence,
+                ),
+                None => (
+                    Kind::Suspect,
+                    "heartbeat lost while the host powers on: waiting for its boot".into(),
+                    evidence,
+                ),
+            },
             PowerReading::On => {
                 if let Some(m) = self.log_has(now, |e, m| {
                     m.contains("ierr") || m.contains("machine check") || (e.sensor_type.as_deref() == Some("Processor") && m.contains("error"))
@@ -712,6 +744,11 @@ impl Diagnoser {
                 }
                 if let Some(m) = self.log_has(now, |_, m| m.contains("uncorrectable")) {
                     return (Kind::HardwareFault(HardwareKind::Memory), format!("heartbeat lost, host on, memory error in the SEL: {m}"), evidence);
+                }
+                if let Some(m) = self.watchdog_fired_since_heartbeat() {
+                    // A watchdog with a reset action reboots the hung host: the POST that
+                    // follows is the BMC's doing, not a boot to wait for.
+                    return (Kind::SoftwareHang, format!("heartbeat lost, host on, and its watchdog expired since: the OS hung: {m}"), evidence);
                 }
                 if let Some(BootProgress::Post(stage)) = &snap.boot {
                     // Stuck only when one stage has lasted longer than any POST stage should;

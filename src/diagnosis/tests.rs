@@ -306,6 +306,76 @@ fn a_hang_waits_for_its_watchdog_and_a_panic_needs_none() {
 }
 
 #[test]
+fn a_watchdog_that_resets_or_powers_down_a_hung_host_still_shows_a_hang() {
+    // OS frozen at 10 s; its watchdog (action hard reset) runs out at 20 s: ipmi_sim logs the
+    // expiry and the host goes through POST again. Not a boot to wait for: the OS hung.
+    let reset = |t: Millis| {
+        if t < 20_000 {
+            return snap(PowerReading::On);
+        }
+        let mut s = snap(PowerReading::On);
+        s.boot = Some(BootProgress::Post("MemoryInitializationStarted".into()));
+        if t == 20_000 {
+            s.new_log = vec![sel(
+                "Watchdog2 IPMI Watchdog | Hard reset | Asserted",
+                "Watchdog2",
+            )];
+        }
+        s
+    };
+    assert_eq!(timeline(10_000, false, 19_000, reset).kind, Kind::Suspect);
+    let d = timeline(10_000, false, 23_000, reset);
+    assert_eq!(d.kind, Kind::SoftwareHang, "{d:#?}");
+    assert!(d.why.contains("Hard reset"), "{}", d.why);
+
+    // Action power down: the host is off, which nobody asked for, but no power fault.
+    let down = |t: Millis| {
+        if t < 20_000 {
+            return snap(PowerReading::On);
+        }
+        let mut s = snap(PowerReading::Off);
+        if t == 20_000 {
+            s.new_log = vec![sel(
+                "Watchdog 2 IPMI Watchdog | Power down | Asserted",
+                "Watchdog",
+            )];
+        }
+        s
+    };
+    let d = timeline(10_000, false, 23_000, down);
+    assert_eq!(d.kind, Kind::SoftwareHang, "{d:#?}");
+    assert!(d.why.contains("turned off by its watchdog"), "{}", d.why);
+
+    // The OS back after the reset: its heartbeat clears the record's weight.
+    let mut d = Diagnoser::new(T, 0);
+    healthy_until(&mut d, 10_000);
+    let mut t = 10_000;
+    while t <= 30_000 {
+        // POST until 26 s, then the OS runs and speaks again from 27 s.
+        d.observe(bmc(
+            t,
+            if t < 26_000 {
+                reset(t)
+            } else {
+                snap(PowerReading::On)
+            },
+        ));
+        if t >= 27_000 {
+            d.observe(hb(t));
+        }
+        t += 1000;
+    }
+    let v = d.evaluate(
+        30_000,
+        RackView {
+            total: 4,
+            ..Default::default()
+        },
+    );
+    assert_eq!(v.kind, Kind::Healthy, "{v:#?}");
+}
+
+#[test]
 fn a_host_stuck_in_post_is_a_post_failure_and_one_walking_through_it_is_not() {
     let stuck = |_| {
         let mut s = snap(PowerReading::On);
