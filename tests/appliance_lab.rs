@@ -600,3 +600,263 @@ fn a_twin_that_stops_heartbeating_is_stopped_and_replaced() {
     check_log_invariants(&journal(&lab), "web2");
     app.stop();
 }
+
+#[test]
+fn a_pre_created_twin_is_resumed_at_failover_and_made_again_after_failback() {
+    use vigil::journal::RecordKind as K;
+    let _slot = twin_slot();
+    let lab = lab();
+    let _cleanup = Cleanup(&lab);
+    let cfg = lab.config_path();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replacen("[policy]\n", "[policy]\nprecreate_twins = true\n", 1),
+    )
+    .unwrap();
+    let mut app = Appliance::start(&lab, "standby");
+    let nodes = ["db1", "web1", "web2", "batch1"];
+    // Each watched node gets one paused twin, written to the log before QEMU starts.
+    let standby_of = |recs: &[vigil::journal::Record], n: &str| -> Vec<u64> {
+        recs.iter()
+            .filter(|r| r.node.as_deref() == Some(n) && r.kind == K::VmStandby)
+            .map(|r| r.epoch.unwrap())
+            .collect()
+    };
+    let t0 = Instant::now();
+    while !nodes
+        .iter()
+        .all(|n| standby_of(&journal(&lab), n).len() == 1 && twins(&lab, n) == 1)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no pre-created twin for every node\n{}",
+            explain(&lab, "db1", &app.out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Paused, it runs nothing: the nodes are healthy on their own hardware, no twin started.
+    let recs = journal(&lab);
+    assert!(!recs.iter().any(|r| r.kind == K::VmStart), "a twin started");
+    let reserved = standby_of(&recs, "db1")[0];
+
+    // db1 fails: the failover takes the reserved epoch and resumes that twin (no second QEMU).
+    lab.inject("db1", json!({"kind": "power-loss"}));
+    let t0 = Instant::now();
+    while state(&lab, "db1") != "running-virtual" {
+        assert!(twins(&lab, "db1") <= 1, "two twins of db1");
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "{}",
+            explain(&lab, "db1", &app.out)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(twins(&lab, "db1"), 1);
+    let recs = journal(&lab);
+    check_log_invariants(&recs, "db1");
+    let start = recs
+        .iter()
+        .find(|r| r.node.as_deref() == Some("db1") && r.kind == K::VmStart)
+        .unwrap();
+    assert_eq!(start.epoch, Some(reserved));
+    assert!(
+        start.message.starts_with("resuming the pre-created"),
+        "{}",
+        start.message
+    );
+    let begin = recs
+        .iter()
+        .position(|r| r.node.as_deref() == Some("db1") && r.kind == K::FailoverBegin)
+        .unwrap();
+    let confirmed = recs
+        .iter()
+        .position(|r| r.node.as_deref() == Some("db1") && r.kind == K::FenceConfirmed)
+        .unwrap();
+    assert!(begin < confirmed && recs[begin].epoch == Some(reserved));
+
+    // A restart finds the paused twins of the others and makes no new ones.
+    app.kill9();
+    let mut app = Appliance::start(&lab, "standby-2");
+    wait_state(&lab, "db1", "running-virtual", Duration::from_secs(20));
+    let t0 = Instant::now();
+    while !journal(&lab)
+        .iter()
+        .any(|r| r.kind == K::Start && r.message.contains("pre-created twin vigil-web1-e"))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no recovery note");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    for n in ["web1", "web2", "batch1"] {
+        assert_eq!(standby_of(&journal(&lab), n).len(), 1, "{n}");
+        assert_eq!(twins(&lab, n), 1, "{n}");
+    }
+
+    // Failback: the twin stops before db1 powers on; then a new paused twin, a new epoch.
+    lab.repair("db1");
+    let t = token(&lab);
+    let t0 = Instant::now();
+    while api(&lab, "POST", "/api/nodes/db1/failback", Some(&t)).0 != 202 {
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_state(&lab, "db1", "healthy", Duration::from_secs(90));
+    let t0 = Instant::now();
+    while standby_of(&journal(&lab), "db1").len() < 2 || twins(&lab, "db1") != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no new pre-created twin for db1\n{}",
+            explain(&lab, "db1", &app.out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = standby_of(&journal(&lab), "db1");
+    assert!(again[1] > reserved, "{again:?}");
+    check_log_invariants(&journal(&lab), "db1");
+    app.stop();
+}
+
+#[test]
+fn a_failback_to_a_server_whose_hardware_differs_waits_for_an_operator() {
+    use vigil::journal::RecordKind as K;
+    let _slot = twin_slot();
+    let lab = lab();
+    let _cleanup = Cleanup(&lab);
+    let mut app = Appliance::start(&lab, "replacement");
+    wait_state(&lab, "web2", "healthy", Duration::from_secs(30));
+    lab.inject("web2", json!({"kind": "power-loss"}));
+    wait_state(&lab, "web2", "running-virtual", Duration::from_secs(40));
+    // The server now in web2's place is not the one recorded: as if the failed one had been
+    // swapped for another with more memory and its own serial number.
+    let (cfg, _, _) = vigil::config::load(&lab.config_path()).unwrap();
+    let file = cfg.node("web2").unwrap().hardware_profile.clone();
+    let mut recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let actual_serial = recorded["smbios"]["serial"].clone();
+    recorded["smbios"]["serial"] = json!("OLD-SERVER-0001");
+    recorded["memory_mib"] = json!(recorded["memory_mib"].as_u64().unwrap() / 2);
+    std::fs::write(&file, serde_json::to_vec_pretty(&recorded).unwrap()).unwrap();
+    lab.repair("web2");
+
+    // A plain failback is refused before anything moves: the twin keeps running, the
+    // differences are in the log.
+    let t = token(&lab);
+    let t0 = Instant::now();
+    while api(&lab, "POST", "/api/nodes/web2/failback", Some(&t)).0 != 202 {
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let t0 = Instant::now();
+    let refusal = loop {
+        if let Some(r) = journal(&lab).into_iter().find(|r| {
+            r.node.as_deref() == Some("web2")
+                && r.kind == K::Refusal
+                && r.message.starts_with("failback of web2 refused")
+        }) {
+            break r;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no refusal\n{}",
+            explain(&lab, "web2", &app.out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        refusal
+            .message
+            .contains("smbios.serial: \"OLD-SERVER-0001\" -> ")
+            && refusal.message.contains("memory_mib"),
+        "{}",
+        refusal.message
+    );
+    wait_state(&lab, "web2", "running-virtual", Duration::from_secs(10));
+    assert_eq!(twins(&lab, "web2"), 1);
+    let recs = journal(&lab);
+    assert!(
+        !recs
+            .iter()
+            .any(|r| r.node.as_deref() == Some("web2") && r.kind == K::FailbackBegin),
+        "nothing moved"
+    );
+
+    // Accepted by an operator: the differences are logged, the profile recorded anew, and the
+    // workload moves (twin stopped first).
+    let (code, _) = api(
+        &lab,
+        "POST",
+        "/api/nodes/web2/failback?accept_profile=true",
+        Some(&t),
+    );
+    assert_eq!(code, 202);
+    wait_state(&lab, "web2", "healthy", Duration::from_secs(90));
+    assert_eq!(twins(&lab, "web2"), 0);
+    let now: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(now["smbios"]["serial"], actual_serial);
+    let recs = journal(&lab);
+    check_log_invariants(&recs, "web2");
+    let mine: Vec<_> = recs
+        .iter()
+        .filter(|r| r.node.as_deref() == Some("web2"))
+        .collect();
+    let accepted = mine
+        .iter()
+        .position(|r| {
+            r.kind == K::Operator && r.message.contains("moves to the replacement server")
+        })
+        .expect("the accepted differences are logged");
+    let begin = mine
+        .iter()
+        .rposition(|r| r.kind == K::FailbackBegin)
+        .unwrap();
+    assert!(accepted < begin);
+    app.stop();
+}
+
+#[test]
+fn a_failover_server_that_loses_power_has_its_twins_placed_again_on_the_backup_server() {
+    use vigil::journal::RecordKind as K;
+    let _slot = twin_slot();
+    let lab = lab();
+    let _cleanup = Cleanup(&lab);
+    let mut app = Appliance::start(&lab, "host-lost");
+    wait_state(&lab, "batch1", "healthy", Duration::from_secs(30));
+    lab.inject("batch1", json!({"kind": "power-loss"}));
+    wait_state(&lab, "batch1", "running-virtual", Duration::from_secs(40));
+    let placed = |recs: &[vigil::journal::Record]| -> Vec<String> {
+        recs.iter()
+            .filter(|r| r.node.as_deref() == Some("batch1") && r.kind == K::Placement)
+            .map(|r| r.detail["host"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(placed(&journal(&lab)), vec!["failover1"]);
+    // The failover server loses power: its twins die with it (the lab kills their QEMU).
+    lab.inject("failover1", json!({"kind": "power-loss"}));
+    let t0 = Instant::now();
+    loop {
+        let recs = journal(&lab);
+        let lost = recs
+            .iter()
+            .any(|r| r.node.as_deref() == Some("batch1") && r.kind == K::TwinLost);
+        let beats = recs
+            .iter()
+            .filter(|r| r.node.as_deref() == Some("batch1") && r.kind == K::VmHeartbeat)
+            .count();
+        if lost && beats == 2 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "batch1's twin was not placed again\n{}",
+            explain(&lab, "batch1", &app.out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(placed(&journal(&lab)), vec!["failover1", "backup1"]);
+    wait_state(&lab, "batch1", "running-virtual", Duration::from_secs(10));
+    assert_eq!(twins(&lab, "batch1"), 1);
+    check_log_invariants(&journal(&lab), "batch1");
+    app.stop();
+}

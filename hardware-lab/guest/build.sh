@@ -38,10 +38,11 @@ EPOCH_TIME=${SOURCE_DATE_EPOCH:-1577836800}
 
 # The modules the guest loads, in this order, each after its own dependencies (from modules.dep):
 # the NICs (virtio-net with its failover helpers, e1000e), the ACPI power button and evdev (busybox
-# acpid reads /dev/input/event*; QEMU's system_powerdown presses the button), and qemu_fw_cfg (the
-# guest reads its parameters from /sys/firmware/qemu_fw_cfg).
+# acpid reads /dev/input/event*; QEMU's system_powerdown presses the button), qemu_fw_cfg (the
+# guest reads its parameters from /sys/firmware/qemu_fw_cfg), and virtio_blk (a twin's boot disk,
+# which the guest lists so a test can see it arrived).
 MODULES=(failover net_failover virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
-  virtio_pci virtio_net e1000e button evdev qemu_fw_cfg)
+  virtio_pci virtio_net e1000e button evdev qemu_fw_cfg virtio_blk)
 # Bumped when the way the kernel cache is derived changes, so old caches are redone.
 KERNEL_CACHE_FORMAT=1
 

@@ -82,7 +82,10 @@ async fn send(app: &App, headers: &HeaderMap, c: Command) -> Response {
         return *r;
     }
     if let Some(n) = match &c {
-        Command::Maintenance(n, _) | Command::Failover(n) | Command::Failback(n) => Some(n),
+        Command::Maintenance(n, _)
+        | Command::Failover(n)
+        | Command::Failback(n)
+        | Command::FailbackReplacement(n) => Some(n),
         Command::AckOff { node, .. } => Some(node),
         _ => None,
     } && app.cfg.node(n).is_none()
@@ -105,6 +108,13 @@ async fn send(app: &App, headers: &HeaderMap, c: Command) -> Response {
         )
             .into_response(),
     }
+}
+
+/// `POST /api/nodes/NODE/failback?accept_profile=true`: to a replacement server.
+#[derive(Deserialize)]
+struct FailbackQuery {
+    #[serde(default)]
+    accept_profile: bool,
 }
 
 #[derive(Deserialize)]
@@ -275,8 +285,16 @@ pub async fn serve(
             .route(
                 "/api/nodes/{node}/failback",
                 post(
-                    |State(a): State<App>, h: HeaderMap, Path(n): Path<String>| async move {
-                        send(&a, &h, Command::Failback(n)).await
+                    |State(a): State<App>,
+                     h: HeaderMap,
+                     Path(n): Path<String>,
+                     Query(q): Query<FailbackQuery>| async move {
+                        let c = if q.accept_profile {
+                            Command::FailbackReplacement(n)
+                        } else {
+                            Command::Failback(n)
+                        };
+                        send(&a, &h, c).await
                     },
                 ),
             )

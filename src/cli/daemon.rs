@@ -143,12 +143,14 @@ fn through_api(
     let (cfg, _, _) = config::load(file)?;
     cfg.node(node)
         .with_context(|| format!("no node named {node} in {}", file.display()))?;
+    let before = node_state(&cfg, node)?;
     let (code, v) = api(&cfg, "POST", &format!("/api/nodes/{node}/{action}"), None)?;
     if code != 202 {
         bail!("the appliance refused: {v}");
     }
     let t0 = Instant::now();
     let mut last = String::new();
+    let mut moved = false;
     while t0.elapsed() < timeout {
         let s = node_state(&cfg, node)?;
         if s != last {
@@ -157,6 +159,16 @@ fn through_api(
         }
         if s == done {
             return Ok(0);
+        }
+        // Back where it started, after moving or after a while without moving: the job ended
+        // short (a refused failback leaves the twin running). The log says why.
+        moved |= s != before;
+        if s == before && (moved || t0.elapsed() > Duration::from_secs(10)) {
+            eprintln!(
+                "{node} is {s} again: the {} did not go through; see `vigil log --node {node}`",
+                action.split('?').next().unwrap_or(action)
+            );
+            return Ok(1);
         }
         if s == "fence-pending" {
             eprintln!(
@@ -186,6 +198,16 @@ pub(super) fn failover(file: &Path, node: &str, dry_run: bool) -> anyhow::Result
     )
 }
 
-pub(super) fn failback(file: &Path, node: &str) -> anyhow::Result<u8> {
-    through_api(file, node, "failback", "healthy", Duration::from_secs(900))
+pub(super) fn failback(file: &Path, node: &str, accept_profile: bool) -> anyhow::Result<u8> {
+    through_api(
+        file,
+        node,
+        if accept_profile {
+            "failback?accept_profile=true"
+        } else {
+            "failback"
+        },
+        "healthy",
+        Duration::from_secs(900),
+    )
 }

@@ -127,6 +127,11 @@ pub enum Command {
         config: PathBuf,
         /// The node.
         node: String,
+        /// Move to the server now in the node's place even where its hardware differs from the
+        /// recorded profile (a replacement server): the differences are logged and the profile
+        /// recorded anew. Without it, such a failback is refused and the differences shown.
+        #[arg(long)]
+        accept_profile: bool,
     },
     /// Fence a node by hand (confirmed power-off), show the plan (--dry-run), or record an
     /// operator's confirmation that it is off (--ack-off).
@@ -227,7 +232,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             node,
             dry_run,
         } => daemon::failover(&config, &node, dry_run),
-        Command::Failback { config, node } => daemon::failback(&config, &node),
+        Command::Failback {
+            config,
+            node,
+            accept_profile,
+        } => daemon::failback(&config, &node, accept_profile),
         Command::Watch {
             config,
             node,

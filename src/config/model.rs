@@ -250,6 +250,9 @@ pub struct Policy {
     pub quarantine: Duration,
     /// How virtual nodes' CPUs are chosen.
     pub cpu_model: CpuPolicy,
+    /// Keep a paused twin of every watched node ready on the host placement picks for it, so
+    /// that a failover resumes it instead of starting QEMU (rack-wide only).
+    pub precreate_twins: bool,
 }
 
 impl Policy {
@@ -281,6 +284,7 @@ impl Default for Policy {
             failback: Failback::Manual,
             quarantine: defaults::QUARANTINE,
             cpu_model: CpuPolicy::Named,
+            precreate_twins: false,
         }
     }
 }

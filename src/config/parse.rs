@@ -346,6 +346,9 @@ fn parse_policy(
         };
     }
     if rack_level {
+        if let Some(v) = t.boolean(d, "precreate_twins") {
+            p.precreate_twins = v.into_inner();
+        }
         if let Some(s) = t.table(d, "storm_guard") {
             if let Some(v) = s.integer(d, "max_concurrent_failovers", 1..=10_000) {
                 p.storm_guard.max_concurrent_failovers = *v.get_ref() as u32;
@@ -366,7 +369,18 @@ fn parse_policy(
             }
             s.finish(d);
         }
-    } else if let Some(span) = t.span_of("storm_guard") {
+    } else if let Some(span) = t.span_of("precreate_twins") {
+        t.raw("precreate_twins");
+        t.report(
+            d,
+            Severity::Error,
+            Some(span),
+            "precreate_twins",
+            "pre-created twins are a rack-wide choice and cannot be set per node",
+            Some("move it to [policy]".into()),
+        );
+    }
+    if !rack_level && let Some(span) = t.span_of("storm_guard") {
         // Mark it known so `finish` does not call it unknown; say why it does not belong here.
         t.raw("storm_guard");
         t.report(

@@ -92,6 +92,16 @@ pub enum JobEnd {
     Stalled(String),
 }
 
+impl JobEnd {
+    /// Why, in words.
+    pub fn reason(self) -> String {
+        match self {
+            JobEnd::FencePending => "the fence is pending".into(),
+            JobEnd::Stalled(why) => why,
+        }
+    }
+}
+
 impl Env {
     fn log(
         &self,
@@ -213,6 +223,250 @@ pub async fn fence_node(
     crate::daemon::fence::fence(&plan, &env.journal, epoch, json!({ "verdict": verdict })).await
 }
 
+/// What a node's twin asks of a host: the node's configured size, or its profile's.
+fn twin_request(node: &NodeConfig, profile: &HardwareProfile) -> Request {
+    let vcpus = node
+        .virtual_size
+        .map_or(
+            profile.cpu.sockets * profile.cpu.cores_per_socket * profile.cpu.threads_per_core,
+            |v| v.vcpus,
+        )
+        .max(1);
+    let memory_bytes = node
+        .virtual_size
+        .map_or(profile.memory_mib << 20, |v| v.memory_bytes);
+    Request {
+        node: node.name.clone(),
+        group: node.isolation_group.clone(),
+        vcpus,
+        memory_bytes,
+    }
+}
+
+/// The twin of `node` for `epoch` on `host_name`: its hypervisor, its VM spec (with the
+/// fidelity report) and the identity it boots with.
+fn twin_spec(
+    env: &Env,
+    node: &NodeConfig,
+    profile: &HardwareProfile,
+    host_name: &str,
+    epoch: u64,
+) -> Result<(Arc<dyn Hypervisor>, spec::VmSpec, GuestIdentity), JobEnd> {
+    let host: &HostConfig = env
+        .cfg
+        .host(host_name)
+        .ok_or_else(|| JobEnd::Stalled(format!("{host_name} is not a configured host")))?;
+    let hv = env
+        .hypervisors
+        .get(host_name)
+        .cloned()
+        .ok_or_else(|| JobEnd::Stalled(format!("no driver for {host_name}")))?;
+    let kernel = host.guest_kernel.as_ref().map(|g| BootSpec::Kernel {
+        kernel: g.kernel.display().to_string(),
+        initrd: g.initrd.display().to_string(),
+        append: format!("console=ttyS0 quiet panic=-1 {}", g.args)
+            .trim()
+            .to_string(),
+    });
+    let inputs = spec_inputs(node, epoch, kernel);
+    let limits = HostLimits {
+        vcpus: host.capacity.vcpus,
+        memory_mib: host.capacity.memory_bytes >> 20,
+        accel: env.accel,
+    };
+    let vm = spec::build(profile, &inputs, limits, &env.cpu_table);
+    let key =
+        node.heartbeat.key.resolve().map_err(|e| {
+            JobEnd::Stalled(format!("the node's heartbeat key cannot be read: {e}"))
+        })?;
+    let id = GuestIdentity {
+        appliance: crate::virt::qemu::guest_appliance_addr(
+            env.cfg.appliance.heartbeat_listen,
+            &crate::virt::qemu::NetMode::User,
+        ),
+        key,
+    };
+    Ok((hv, vm, id))
+}
+
+/// Removes a paused twin that will not be resumed (it never ran, or ran no more since it was
+/// paused), confirmed gone, and says so in the log.
+async fn remove_paused(
+    env: &Env,
+    node_name: &str,
+    epoch: u64,
+    host: &str,
+    hv: &dyn Hypervisor,
+    vm: &str,
+    why: &str,
+) -> Result<(), JobEnd> {
+    hv.destroy(vm)
+        .await
+        .map_err(|e| JobEnd::Stalled(format!("the paused twin {vm} would not go: {e}")))?;
+    env.log(
+        node_name,
+        RecordKind::VmStopped,
+        Some(epoch),
+        format!("removed {vm} on {host}, paused, not resumed: {why}"),
+        json!({ "vm": vm, "host": host, "paused": true }),
+    )
+}
+
+/// Pre-creates `node`'s twin for `epoch` (reserved for the node's next failover) on the host
+/// placement picks now, paused before its first instruction: QEMU is started, the guest runs
+/// nothing, and its boot disk is attached only when the failover resumes it (after the fence).
+/// The record is written before QEMU starts. Returns the host.
+pub async fn precreate(env: &Env, node_name: &str, epoch: u64) -> Result<String, String> {
+    let node = env
+        .cfg
+        .node(node_name)
+        .ok_or_else(|| format!("{node_name} is not a configured node"))?;
+    let profile = load_profile(env, node).await?;
+    let req = twin_request(node, &profile);
+    let placed = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let host_name = match placement::choose(&req, &env.host_views(), &placed) {
+        Ok(Decision::Place { host } | Decision::AlreadyPlaced { host }) => host,
+        Err(refusal) => return Err(refusal.to_string()),
+    };
+    let (hv, vm, id) = twin_spec(env, node, &profile, &host_name, epoch).map_err(JobEnd::reason)?;
+    env.log(
+        node_name,
+        RecordKind::VmStandby,
+        Some(epoch),
+        format!(
+            "pre-creating {} on {host_name}, paused: {} ({} vCPUs, {} MiB); it runs nothing until {node_name}'s next failover resumes it after the fence",
+            vm.name,
+            vm.cpu.model,
+            vm.cpu.vcpus(),
+            vm.memory_mib
+        ),
+        json!({ "vm": vm.name, "host": host_name, "spec": vm, "fidelity": vm.fidelity }),
+    )
+    .map_err(JobEnd::reason)?;
+    match hv.create(&vm, &id, true).await {
+        Ok(VmState::Paused) => Ok(host_name),
+        Ok(other) => {
+            let _gone = hv.destroy(&vm.name).await;
+            Err(format!(
+                "{} reads back {other:?} after a paused create",
+                vm.name
+            ))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Before anything moves back: is the server now in `node`'s place the one its twin was built
+/// from? Its hardware profile is read from its BMC and compared with the recorded one. The same:
+/// go on. Different (a replacement server, or a repair that changed parts) and not accepted by
+/// an operator: the differences are logged and the failback refused, the twin left running.
+/// Accepted: the differences are logged and the new profile becomes the recorded one (the next
+/// twin is built from it). A server whose hardware cannot be read is not moved to.
+async fn check_the_server_in_place(
+    env: &Env,
+    node_name: &str,
+    epoch: u64,
+    replacement: bool,
+) -> Result<(), String> {
+    let node = env
+        .cfg
+        .node(node_name)
+        .ok_or_else(|| format!("{node_name} is not a configured node"))?;
+    let recorded = std::fs::read_to_string(&node.hardware_profile)
+        .ok()
+        .and_then(|t| serde_json::from_str::<HardwareProfile>(&t).ok());
+    let Some(recorded) = recorded else {
+        // Nothing to compare with (the capture the twin was built from is gone): the next
+        // failover captures the server as it is then.
+        return Ok(());
+    };
+    let bmc = env
+        .bmcs
+        .get(node_name)
+        .cloned()
+        .ok_or("no BMC to read the server in the node's place")?;
+    let now = bmc.inventory(node_name).await.map_err(|e| {
+        format!("the hardware of the server in {node_name}'s place cannot be read ({e}): the workload stays on its twin")
+    })?;
+    let differences = crate::model::profile::diff(&recorded, &now);
+    if differences.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&String> = differences.iter().take(12).collect();
+    let more = differences.len().saturating_sub(shown.len());
+    let summary = format!(
+        "{}{}",
+        shown
+            .iter()
+            .map(|d| d.as_str())
+            .collect::<Vec<_>>()
+            .join("; "),
+        if more > 0 {
+            format!("; and {more} more")
+        } else {
+            String::new()
+        }
+    );
+    if !replacement {
+        env.log(
+            node_name,
+            RecordKind::Refusal,
+            Some(epoch),
+            format!(
+                "failback of {node_name} refused: the server in its place is not the one its twin was built from ({} difference(s): {summary}). The twin keeps running. If this is a replacement server, fail back with --accept-profile (POST .../failback?accept_profile=true)",
+                differences.len()
+            ),
+            json!({ "differences": differences }),
+        )
+        .map_err(|e| format!("{e:?}"))?;
+        return Err(format!(
+            "the server in {node_name}'s place differs from the recorded profile ({} difference(s))",
+            differences.len()
+        ));
+    }
+    env.log(
+        node_name,
+        RecordKind::Operator,
+        Some(epoch),
+        format!(
+            "{node_name} moves to the replacement server in its place, its differences accepted by an operator ({} difference(s): {summary}); its profile is recorded anew",
+            differences.len()
+        ),
+        json!({ "differences": differences }),
+    )
+    .map_err(|e| format!("{e:?}"))?;
+    let _saved = std::fs::write(
+        &node.hardware_profile,
+        serde_json::to_vec_pretty(&now).unwrap_or_default(),
+    );
+    Ok(())
+}
+
+/// Removes `node`'s pre-created twin of `epoch` on `host` that no failover will take.
+pub async fn remove_standby(
+    env: &Env,
+    node: &str,
+    epoch: u64,
+    host: &str,
+    why: &str,
+) -> Result<(), String> {
+    let hv = env
+        .hypervisors
+        .get(host)
+        .ok_or_else(|| format!("no driver for {host}"))?;
+    remove_paused(
+        env,
+        node,
+        epoch,
+        host,
+        hv.as_ref(),
+        &vm_name(node, epoch),
+        why,
+    )
+    .await
+    .map_err(JobEnd::reason)
+}
+
 /// Runs a failover of `node` for `epoch`. Returns the host its twin runs on.
 pub async fn failover(
     env: &Env,
@@ -259,6 +513,8 @@ pub async fn failover(
     // host it was lost on (it stopped heartbeating there: stopped, never adopted); stop any
     // older one.
     let mut adopted: Option<String> = None;
+    // This epoch's pre-created twin (paused, never run), if one waits: (host, vm).
+    let mut standby: Option<(String, String)> = None;
     let avoid = env
         .avoid
         .lock()
@@ -270,7 +526,27 @@ pub async fn failover(
             let Some(e) = twin_epoch(&vm, node_name) else {
                 continue;
             };
-            let live = matches!(state, VmState::Running | VmState::Paused);
+            if state == VmState::Paused {
+                if e == epoch && avoid.as_deref() != Some(host.as_str()) {
+                    standby = Some((host.clone(), vm));
+                } else {
+                    // Paused: a pre-created twin this failover does not take (reserved before
+                    // a restart, or on the host a lost twin died on), or a stale twin that was
+                    // paused. It runs nothing; it goes.
+                    remove_paused(
+                        env,
+                        node_name,
+                        e,
+                        host,
+                        hv.as_ref(),
+                        &vm,
+                        "it is not this failover's",
+                    )
+                    .await?;
+                }
+                continue;
+            }
+            let live = state == VmState::Running;
             // A twin that is neither live nor gone (crashed, hung, not answering) is stopped
             // too, whatever its epoch: a replacement never starts beside what is left of it.
             let leftover = matches!(state, VmState::Other(_));
@@ -299,22 +575,27 @@ pub async fn failover(
             }
         }
     }
-    let vcpus = node
-        .virtual_size
-        .map_or(
-            profile.cpu.sockets * profile.cpu.cores_per_socket * profile.cpu.threads_per_core,
-            |v| v.vcpus,
-        )
-        .max(1);
-    let memory_bytes = node
-        .virtual_size
-        .map_or(profile.memory_mib << 20, |v| v.memory_bytes);
-    let req = Request {
-        node: node_name.to_string(),
-        group: node.isolation_group.clone(),
-        vcpus,
-        memory_bytes,
-    };
+    let req = twin_request(&node, &profile);
+    // A pre-created twin is resumed where it waits, if that host can still take it now.
+    if adopted.is_none()
+        && let Some((h, vm)) = standby
+    {
+        let placed = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let here: Vec<HostView> = env
+            .host_views()
+            .into_iter()
+            .filter(|v| v.name == h)
+            .collect();
+        match placement::choose(&req, &here, &placed) {
+            Ok(_) => adopted = Some(h),
+            Err(refusal) => {
+                if let Some(hv) = env.hypervisors.get(&h) {
+                    let why = format!("{h} cannot take it now ({refusal})");
+                    remove_paused(env, node_name, epoch, &h, hv.as_ref(), &vm, &why).await?;
+                }
+            }
+        }
+    }
     let host_name = match adopted {
         Some(h) => h,
         None => {
@@ -365,42 +646,8 @@ pub async fn failover(
         json!({ "host": host_name, "vcpus": req.vcpus, "memory_mib": req.memory_bytes >> 20 }),
     )?;
 
-    let host: HostConfig = env
-        .cfg
-        .host(&host_name)
-        .cloned()
-        .ok_or_else(|| JobEnd::Stalled(format!("{host_name} is not a configured host")))?;
-    let hv = env
-        .hypervisors
-        .get(&host_name)
-        .cloned()
-        .ok_or_else(|| JobEnd::Stalled(format!("no driver for {host_name}")))?;
-    let kernel = host.guest_kernel.as_ref().map(|g| BootSpec::Kernel {
-        kernel: g.kernel.display().to_string(),
-        initrd: g.initrd.display().to_string(),
-        append: format!("console=ttyS0 quiet panic=-1 {}", g.args)
-            .trim()
-            .to_string(),
-    });
-    let inputs = spec_inputs(&node, epoch, kernel);
-    let limits = HostLimits {
-        vcpus: host.capacity.vcpus,
-        memory_mib: host.capacity.memory_bytes >> 20,
-        accel: env.accel,
-    };
-    let vm = spec::build(&profile, &inputs, limits, &env.cpu_table);
+    let (hv, vm, id) = twin_spec(env, &node, &profile, &host_name, epoch)?;
     progress(Step::BootingVirtual);
-    let key =
-        node.heartbeat.key.resolve().map_err(|e| {
-            JobEnd::Stalled(format!("the node's heartbeat key cannot be read: {e}"))
-        })?;
-    let id = GuestIdentity {
-        appliance: crate::virt::qemu::guest_appliance_addr(
-            env.cfg.appliance.heartbeat_listen,
-            &crate::virt::qemu::NetMode::User,
-        ),
-        key,
-    };
     let boot_started = env.clock.now();
     let already = hv.status(&vm.name).await;
     if !matches!(already, VmState::Running) {
@@ -409,7 +656,12 @@ pub async fn failover(
             RecordKind::VmStart,
             Some(epoch),
             format!(
-                "starting {} on {host_name}: {} ({} vCPUs, {} MiB)",
+                "{} {} on {host_name}: {} ({} vCPUs, {} MiB)",
+                if already == VmState::Paused {
+                    "resuming the pre-created"
+                } else {
+                    "starting"
+                },
                 vm.name,
                 vm.cpu.model,
                 vm.cpu.vcpus(),
@@ -502,13 +754,19 @@ pub async fn failover(
 
 /// Fails `node` back from its twin of `epoch`: stop the twin, confirm, power the node on, wait
 /// for its heartbeat.
-pub async fn failback(env: &Env, node_name: &str, epoch: u64) -> Result<(), String> {
+pub async fn failback(
+    env: &Env,
+    node_name: &str,
+    epoch: u64,
+    replacement: bool,
+) -> Result<(), String> {
     let vm = vm_name(node_name, epoch);
     let mut returns = env.returns.subscribe();
     let log = |kind, msg: String, detail| {
         env.log(node_name, kind, Some(epoch), msg, detail)
             .map_err(|e| format!("{e:?}"))
     };
+    check_the_server_in_place(env, node_name, epoch, replacement).await?;
     log(
         RecordKind::FailbackBegin,
         format!("failback of {node_name} begins: stopping {vm} first"),

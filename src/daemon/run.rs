@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::{self, Config, HypervisorDriver};
+use crate::config::{self, Config, HypervisorDriver, Mode};
 use crate::daemon::jobs::{self, Env, JobEnd};
 use crate::diagnosis::{Diagnosis, Kind, Observation};
 use crate::journal::{Journal, Record, RecordKind};
@@ -59,6 +59,10 @@ pub enum Command {
     Failover(String),
     /// Fail back now.
     Failback(String),
+    /// Fail back now, to the server now in the node's place even if its hardware differs from
+    /// the recorded profile (a replacement): the differences are logged and the profile
+    /// recorded anew.
+    FailbackReplacement(String),
     /// Fence now and leave the node off, in maintenance (no failover).
     Fence(String),
     /// The node is off, on an operator's word.
@@ -161,7 +165,12 @@ enum JobResult {
     Other(String, Result<(), String>),
     /// A running twin read back as not running: (node, epoch, host, what it read).
     TwinLost(String, u64, String, String),
+    /// A pre-created twin: (node, its reserved epoch, the host it waits on or why not).
+    Standby(String, u64, Result<String, String>),
 }
+
+/// How long after a failed pre-creation the next one is tried.
+const STANDBY_RETRY: Millis = 60_000;
 
 /// Append one record to the fencing log. The journal's listener (set in `run`) forwards it to
 /// the event stream and the metrics, so this does not send it anywhere itself.
@@ -212,15 +221,26 @@ fn append(
 
 /// Rebuilds each node's phase from the fencing log and the hypervisors. Returns the phases and
 /// the jobs to resume.
+/// What `recover` found: the nodes' phases, the jobs to resume, what it says of them, and the
+/// pre-created twins still waiting (node → reserved epoch and host).
+type Recovered = (
+    BTreeMap<String, Node>,
+    Vec<Action>,
+    Vec<String>,
+    BTreeMap<String, (u64, String)>,
+);
+
 async fn recover(
     cfg: &Config,
     records: &[Record],
     hvs: &HashMap<String, Arc<dyn Hypervisor>>,
-) -> (BTreeMap<String, Node>, Vec<Action>, Vec<String>) {
+) -> Recovered {
     let mut nodes = BTreeMap::new();
     let mut resume = Vec::new();
     let mut notes = Vec::new();
     let mut running: HashMap<String, (String, u64)> = HashMap::new();
+    // Paused twins by node: (host, epoch).
+    let mut paused: HashMap<String, Vec<(String, u64)>> = HashMap::new();
     for (host, hv) in hvs {
         for (vm, s) in hv.list().await {
             if let Some(rest) = vm.strip_prefix("vigil-")
@@ -228,10 +248,17 @@ async fn recover(
                 && let Ok(e) = e.parse::<u64>()
                 && matches!(s, VmState::Running | VmState::Paused)
             {
+                if s == VmState::Paused {
+                    paused
+                        .entry(node.to_string())
+                        .or_default()
+                        .push((host.clone(), e));
+                }
                 running.insert(node.to_string(), (host.clone(), e));
             }
         }
     }
+    let mut standby = BTreeMap::new();
     for n in &cfg.nodes {
         let mine: Vec<&Record> = records
             .iter()
@@ -318,11 +345,28 @@ async fn recover(
                     }
                 }
             }
-            _ => Phase::Watching,
+            _ => {
+                // A watched node's paused twin of an epoch above its last failover's is its
+                // pre-created twin: its next failover resumes it (the highest, if several;
+                // the others are removed by that failover).
+                let last_failover = begin.and_then(|b| mine[b].epoch).unwrap_or(0);
+                if let Some((host, e)) = paused.get(&n.name).and_then(|v| {
+                    v.iter()
+                        .filter(|(_, e)| *e > last_failover)
+                        .max_by_key(|(_, e)| *e)
+                }) {
+                    notes.push(format!(
+                        "{0}: pre-created twin vigil-{0}-e{e} waits, paused, on {host}",
+                        n.name
+                    ));
+                    standby.insert(n.name.clone(), (*e, host.clone()));
+                }
+                Phase::Watching
+            }
         };
         nodes.insert(n.name.clone(), Node::new(&n.name, phase));
     }
-    (nodes, resume, notes)
+    (nodes, resume, notes, standby)
 }
 
 fn hypervisors(cfg: &Config, opts: &Options) -> HashMap<String, Arc<dyn Hypervisor>> {
@@ -388,7 +432,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         .unwrap_or_else(|p| p.into_inner())
         .records()
         .to_vec();
-    let (nodes, resume, notes) = recover(&cfg, &records, &hvs).await;
+    let (nodes, resume, notes, standby) = recover(&cfg, &records, &hvs).await;
     let last_epoch = journal
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -434,6 +478,16 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let mut src = monitor::start_sources(&cfg, &profiles, clock, &cancel, Some(observer))?;
     let mut mon = Monitor::new(&cfg, &src.hurry, clock.now());
     let mut rack = Rack::new(nodes, last_epoch);
+    // Pre-created twins found at start wait for their nodes' failovers; with pre-creation off
+    // in this configuration, they are removed (they never ran).
+    let mut unwanted_standby = Vec::new();
+    for (n, (e, host)) in standby {
+        if cfg.policy.precreate_twins {
+            rack.standby.insert(n, e);
+        } else {
+            unwanted_standby.push((n, e, host));
+        }
+    }
     let mut policy = cfg.policy.clone();
     let deadlines = Deadlines::default();
     let (ptx, mut prx) = mpsc::unbounded_channel();
@@ -484,6 +538,20 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
 
     let (jtx, mut jrx) = mpsc::unbounded_channel::<JobResult>();
     let mut jobs: JoinSet<()> = JoinSet::new();
+    for (n, e, host) in unwanted_standby {
+        let (env, jtx) = (env.clone(), jtx.clone());
+        jobs.spawn(async move {
+            let r = jobs::remove_standby(
+                &env,
+                &n,
+                e,
+                &host,
+                "pre-creation is off in this configuration",
+            )
+            .await;
+            let _ = jtx.send(JobResult::Other(n, r));
+        });
+    }
     let mut pending: Vec<Action> = resume;
     let mut first_full: std::collections::HashSet<String> = std::collections::HashSet::new();
     let machines = cfg.machines().count();
@@ -505,6 +573,11 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let mut twin_beats: HashMap<String, (u64, Millis)> = HashMap::new();
     let mut twin_rx = env.twins.subscribe();
     let mut twin_checks: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // Pre-creations in flight, and when a failed one may be tried again.
+    let mut standby_jobs: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut standby_retry: HashMap<String, Millis> = HashMap::new();
+    // Nodes whose next failback moves to a replacement server, accepted by an operator.
+    let mut accept_profile: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let deadline = opts.stop_after.map(|d| tokio::time::Instant::now() + d);
@@ -578,6 +651,33 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         if let Err(e) = r { tracing::error!(node = %n, error = %e, "job failed"); }
                         continue;
                     }
+                    JobResult::Standby(n, epoch, r) => {
+                        standby_jobs.remove(&n);
+                        match r {
+                            Ok(host) => {
+                                let watching = matches!(rack.nodes.get(&n).map(|x| &x.phase), Some(Phase::Watching));
+                                if watching && !rack.standby.contains_key(&n) {
+                                    tracing::info!(node = %n, epoch, host = %host, "pre-created twin waits, paused");
+                                    rack.standby.insert(n, epoch);
+                                } else {
+                                    // The node moved on while its twin was being made (a failover
+                                    // took a fresh epoch): that twin never runs.
+                                    let env = env.clone();
+                                    let jtx = jtx.clone();
+                                    jobs.spawn(async move {
+                                        let r = jobs::remove_standby(&env, &n, epoch, &host, "the node's failover began while it was being made, under a fresh epoch").await;
+                                        let _ = jtx.send(JobResult::Other(n, r));
+                                    });
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(node = %n, epoch, error = %e, "no pre-created twin");
+                                standby_retry.insert(n.clone(), now + STANDBY_RETRY);
+                                append(&journal, Some(&n), RecordKind::Refusal, Some(epoch), format!("{n}: no pre-created twin ({e}); a failover would start one cold; tried again in {} s", STANDBY_RETRY / 1000), json!({ "error": e }));
+                            }
+                        }
+                        continue;
+                    }
                     JobResult::TwinLost(n, epoch, host, read) => {
                         twin_checks.remove(&n);
                         // Only if it is still that twin that is supposed to run.
@@ -609,6 +709,16 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     }
                     Command::Failover(n) => pending.extend(act(&n, Input::FailoverNow, &mut rack)),
                     Command::Failback(n) => pending.extend(act(&n, Input::FailbackNow, &mut rack)),
+                    Command::FailbackReplacement(n) => {
+                        append(&journal, Some(&n), RecordKind::Operator, None, format!("{n}: failback to the server now in its place requested, its hardware accepted even where it differs from the recorded profile"), serde_json::Value::Null);
+                        let acts = act(&n, Input::FailbackNow, &mut rack);
+                        // The acceptance goes with this failback only (a refused request
+                        // leaves none behind for a later one).
+                        if acts.iter().any(|a| matches!(a, Action::StartFailback { node, .. } if *node == n)) {
+                            accept_profile.insert(n.clone());
+                        }
+                        pending.extend(acts);
+                    }
                     Command::Fence(n) => {
                         // Only a node nothing else acts on: one action per node at a time.
                         let idle = matches!(rack.nodes.get(&n).map(|x| &x.phase), Some(Phase::Watching | Phase::Maintenance));
@@ -681,6 +791,32 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                             };
                             let _ = jtx.send(JobResult::TwinLost(n, epoch, host, read));
                         });
+                    }
+                    // Pre-created twins: one for each watched node judged healthy that has
+                    // none, made one at a time per node, its epoch reserved (and written to
+                    // the log) before QEMU starts.
+                    if policy.precreate_twins && policy.mode == Mode::Act {
+                        let want: Vec<String> = rack
+                            .nodes
+                            .iter()
+                            .filter(|(n, x)| {
+                                matches!(x.phase, Phase::Watching)
+                                    && !rack.standby.contains_key(*n)
+                                    && !standby_jobs.contains(*n)
+                                    && standby_retry.get(*n).is_none_or(|t| *t <= now)
+                                    && mon.current(n).is_some_and(|d| d.kind == Kind::Healthy)
+                            })
+                            .map(|(n, _)| n.clone())
+                            .collect();
+                        for n in want {
+                            let epoch = rack.reserve_epoch();
+                            standby_jobs.insert(n.clone());
+                            let (env, jtx) = (env.clone(), jtx.clone());
+                            jobs.spawn(async move {
+                                let r = jobs::precreate(&env, &n, epoch).await;
+                                let _ = jtx.send(JobResult::Standby(n, epoch, r));
+                            });
+                        }
                     }
                 }
             }
@@ -799,8 +935,9 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 }
                 Action::StartFailback { node, epoch } => {
                     tracing::warn!(node = %node, epoch, "failback starts");
+                    let replacement = accept_profile.remove(&node);
                     jobs.spawn(async move {
-                        let r = jobs::failback(&env, &node, epoch).await;
+                        let r = jobs::failback(&env, &node, epoch, replacement).await;
                         let _ = jtx.send(JobResult::Failback(node, r));
                     });
                 }

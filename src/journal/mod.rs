@@ -74,6 +74,10 @@ pub enum RecordKind {
     Refusal,
     /// A running twin was found dead or hung: it is stopped and replaced on another host.
     TwinLost,
+    /// A twin was pre-created, paused before its first instruction, for the node's next
+    /// failover (its epoch reserved): it runs nothing until that failover, after the fence is
+    /// confirmed, resumes it.
+    VmStandby,
 }
 
 /// One record.

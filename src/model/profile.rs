@@ -125,3 +125,33 @@ pub struct HardwareProfile {
     /// Boot mode.
     pub boot_mode: BootMode,
 }
+
+/// What changed between two captures, one line each.
+pub fn diff(old: &HardwareProfile, new: &HardwareProfile) -> Vec<String> {
+    let mut d = Vec::new();
+    let (a, b) = (
+        serde_json::to_value(old).unwrap_or_default(),
+        serde_json::to_value(new).unwrap_or_default(),
+    );
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, d: &mut Vec<String>) {
+        use serde_json::Value::*;
+        match (a, b) {
+            (Object(x), Object(y)) => {
+                let keys: std::collections::BTreeSet<&std::string::String> =
+                    x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    walk(
+                        &format!("{path}.{k}"),
+                        x.get(k).unwrap_or(&Null),
+                        y.get(k).unwrap_or(&Null),
+                        d,
+                    );
+                }
+            }
+            _ if a != b => d.push(format!("{}: {} -> {}", path.trim_start_matches('.'), a, b)),
+            _ => {}
+        }
+    }
+    walk("", &a, &b, &mut d);
+    d
+}

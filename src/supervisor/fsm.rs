@@ -583,6 +583,9 @@ pub struct Rack {
     pub paused: bool,
     /// The last epoch handed out.
     pub epoch: u64,
+    /// Nodes with a pre-created paused twin, and the epoch reserved for it: that node's next
+    /// failover takes this epoch, so that it resumes the twin rather than starting another.
+    pub standby: BTreeMap<String, u64>,
     /// A storm refusal already logged.
     #[serde(skip)]
     storm_logged: bool,
@@ -595,8 +598,16 @@ impl Rack {
             nodes,
             paused: false,
             epoch,
+            standby: BTreeMap::new(),
             storm_logged: false,
         }
+    }
+
+    /// A new epoch, higher than any handed out (a failover's, or a pre-created twin's). Each
+    /// node's epochs rise: a reserved one is taken only by that node's next failover.
+    pub fn reserve_epoch(&mut self) -> u64 {
+        self.epoch += 1;
+        self.epoch
     }
 
     /// Turns requests into failover jobs within the storm guard; returns the actions.
@@ -658,8 +669,10 @@ impl Rack {
         let slots = (policy.storm_guard.max_concurrent_failovers as usize).saturating_sub(running);
         let mut out = Vec::new();
         for n in requested.into_iter().take(slots) {
-            self.epoch += 1;
-            let epoch = self.epoch;
+            let epoch = match self.standby.remove(&n) {
+                Some(e) => e,
+                None => self.reserve_epoch(),
+            };
             if let Some(node) = self.nodes.get_mut(&n) {
                 let why = node
                     .verdict

@@ -149,7 +149,17 @@ pub fn args(
         }
         BootSpec::Bios => {}
     }
-    if let Some(disk) = &spec.disk {
+    if let Some(disk) = &spec.disk
+        && paused
+        && hot_attachable(disk)
+    {
+        // Pre-created: the disk is attached when the failover resumes the twin (after the
+        // fence), into this empty slot; until then QEMU does not even open it.
+        push(&[
+            "-device",
+            &format!("pcie-root-port,id={DISK_PORT},chassis=1"),
+        ]);
+    } else if let Some(disk) = &spec.disk {
         push(&[
             "-drive",
             &format!(
@@ -185,6 +195,16 @@ pub fn args(
         push(&["-S"]);
     }
     a
+}
+
+/// The PCIe slot a pre-created twin's boot disk goes into at failover.
+const DISK_PORT: &str = "vigil-disk-port";
+
+/// Whether `disk`'s controller can be attached to a paused twin through QMP: a PCIe device
+/// (virtio-blk, NVMe) into an empty root port can; an IDE disk on AHCI cannot, so that one is
+/// on the command line even for a pre-created twin.
+fn hot_attachable(disk: &crate::virt::spec::DiskSpec) -> bool {
+    disk.controller != "ahci"
 }
 
 /// The local QEMU driver.
@@ -300,6 +320,14 @@ impl QemuDriver {
                 .map_err(io("copy the UEFI variables"))?;
         }
         let _stale = std::fs::remove_file(dir.join("qmp.sock"));
+        let _stale = std::fs::remove_file(dir.join("disk-pending.json"));
+        if paused && let Some(disk) = spec.disk.as_ref().filter(|d| hot_attachable(d)) {
+            std::fs::write(
+                dir.join("disk-pending.json"),
+                serde_json::to_vec(disk).unwrap_or_default(),
+            )
+            .map_err(io("write its pending disk"))?;
+        }
         let log = std::fs::File::create(dir.join("qemu.log")).map_err(io("open its log"))?;
         let mut cmd = std::process::Command::new(&self.binary);
         cmd.args(args(spec, &dir, &self.net, id, paused))
@@ -353,6 +381,59 @@ impl QemuDriver {
             "paused" | "prelaunch" => VmState::Paused,
             s => VmState::Other(s.into()),
         })
+    }
+
+    /// Attaches a pre-created twin's boot disk before its first instruction runs: the drive
+    /// (any source `-drive` takes: a path, iSCSI, RBD, NBD) through the human monitor's
+    /// `drive_add`, which QMP has no structured equivalent of for every source, then its
+    /// controller into the empty root port. Read back through `query-block`.
+    async fn attach_pending_disk(&self, name: &str, q: &mut Qmp) -> Result<(), VirtError> {
+        let pending = self.dir(name).join("disk-pending.json");
+        let Ok(text) = std::fs::read(&pending) else {
+            return Ok(());
+        };
+        let fail = |reason: String| VirtError::Qmp {
+            vm: name.into(),
+            reason: format!("its boot disk cannot be attached: {reason}"),
+        };
+        let disk: crate::virt::spec::DiskSpec =
+            serde_json::from_slice(&text).map_err(|e| fail(e.to_string()))?;
+        let out = q
+            .execute(
+                "human-monitor-command",
+                Some(serde_json::json!({ "command-line": format!(
+                    "drive_add 0 file={},if=none,id=d0,format=raw,cache=none",
+                    esc(&disk.source)
+                ) })),
+            )
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        // The human monitor answers "OK" or the error in words.
+        let said = out.as_str().unwrap_or_default().trim().to_string();
+        if said != "OK" {
+            return Err(fail(format!("drive_add: {said}")));
+        }
+        let device = if disk.controller == "nvme" {
+            serde_json::json!({ "driver": "nvme", "drive": "d0", "serial": "vigil0", "bus": DISK_PORT, "id": "vigil-disk" })
+        } else {
+            serde_json::json!({ "driver": "virtio-blk-pci", "drive": "d0", "bus": DISK_PORT, "id": "vigil-disk" })
+        };
+        q.execute("device_add", Some(device))
+            .await
+            .map_err(|e| fail(format!("device_add: {e}")))?;
+        let blocks = q
+            .execute("query-block", None)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let attached = blocks.as_array().is_some_and(|b| {
+            b.iter()
+                .any(|d| d["device"] == "d0" && d["inserted"]["file"].is_string())
+        });
+        if !attached {
+            return Err(fail(format!("query-block does not show it: {blocks}")));
+        }
+        let _done = std::fs::remove_file(&pending);
+        Ok(())
     }
 
     async fn stop_inner(&self, name: &str, grace: Duration) -> Result<(), VirtError> {
@@ -417,10 +498,13 @@ impl Hypervisor for QemuDriver {
         let name = name.to_string();
         Box::pin(async move {
             let mut q = self.qmp(&name).await?;
+            self.attach_pending_disk(&name, &mut q).await?;
             q.execute("cont", None).await.map_err(|e| VirtError::Qmp {
                 vm: name.clone(),
                 reason: e.to_string(),
             })?;
+            // QMP serves one client at a time: the read-back needs this one closed.
+            drop(q);
             Ok(self.state(&name).await)
         })
     }

@@ -4,6 +4,10 @@
 //!   machine of the lab's rack, over Redfish and over IPMI.
 //! - `vigil-bench detect [--runs N]`: fault to verdict, for each fault kind, p50 and p99, with
 //!   `vigil watch` judging the lab.
+//! - `vigil-bench twins --guest DIR [--runs N] [--block B]`: fence confirmed to the twin's first
+//!   heartbeat, a cold twin (QEMU started at failover) against a pre-created one (paused, resumed
+//!   at failover), p50/p99 over N failovers each, in alternating blocks of B on one lab; split
+//!   into the hypervisor's part (vm-start to vm-running) and the guest's boot.
 //! - `vigil-bench recovery --guest DIR [--runs N]`: fault to the twin's first heartbeat with
 //!   `vigil run` and real QEMU twins, for a hardware fault and a software hang, the phases
 //!   (detect, fence, boot) broken out from the fencing log.
@@ -63,6 +67,20 @@ enum What {
         /// turn), plus one slow BMC and one BMC that goes down.
         #[arg(long, default_value_t = 12)]
         faults: usize,
+    },
+    /// Fence confirmed to the twin's first heartbeat, a cold twin against a pre-created one,
+    /// in alternating blocks on one lab.
+    Twins {
+        /// The built guest (hardware-lab/guest/build.sh).
+        #[arg(long)]
+        guest: PathBuf,
+        /// Failovers of each kind.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Failovers per block (the appliance restarts between blocks, with pre-creation on
+        /// or off).
+        #[arg(long, default_value_t = 5)]
+        block: usize,
     },
     /// Fault to the twin's first heartbeat, with QEMU twins.
     Recovery {
@@ -467,6 +485,183 @@ fn wait_state(addr: &str, node: &str, want: &str, within: Duration) -> bool {
     false
 }
 
+/// `vigil-bench twins`: see the module header.
+fn twins(guest: &Path, runs: usize, block: usize) -> anyhow::Result<()> {
+    use vigil::journal::RecordKind as K;
+    let guest = guest.canonicalize().context("no guest")?;
+    let lab = Lab::start(&rack4()?, &["--guest", &guest.display().to_string()])?;
+    let cfg = lab.config();
+    let plain = std::fs::read_to_string(&cfg)?;
+    let addr = lab.endpoints["api_listen"]
+        .as_str()
+        .context("no api")?
+        .to_string();
+    let token = std::fs::read_to_string(lab.dir.path().join("lab/secrets/api-token"))?
+        .trim()
+        .to_string();
+    let journal = lab.dir.path().join("lab/appliance/fencing.log");
+    let nodes = ["db1", "web1", "web2", "batch1"];
+    // Per kind: (fence confirmed to heartbeat, vm-start to vm-running, vm-running to heartbeat).
+    let mut got: BTreeMap<&str, Vec<(f64, f64, f64)>> = BTreeMap::new();
+    let mut i = 0usize;
+    let mut block_no = 0usize;
+    let count =
+        |got: &BTreeMap<&str, Vec<(f64, f64, f64)>>, k: &str| got.get(k).map_or(0, Vec::len);
+    while count(&got, "cold") < runs || count(&got, "pre-created") < runs {
+        let pre = block_no % 2 == 1;
+        block_no += 1;
+        if count(&got, if pre { "pre-created" } else { "cold" }) >= runs {
+            continue;
+        }
+        std::fs::write(
+            &cfg,
+            if pre {
+                plain.replacen("[policy]\n", "[policy]\nprecreate_twins = true\n", 1)
+            } else {
+                plain.clone()
+            },
+        )?;
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(lab.dir.path().join("vigil.log"))?;
+        let mut app = Command::new(bin("vigil")?)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        for n in nodes {
+            if !wait_state(&addr, n, "healthy", Duration::from_secs(60)) {
+                bail!("the rack never became healthy");
+            }
+        }
+        for _ in 0..block {
+            let node = nodes[i % nodes.len()];
+            i += 1;
+            let latest = |k: K| -> Option<(u64, u64)> {
+                let recs = vigil::journal::verify(&journal).ok()?;
+                recs.iter()
+                    .rev()
+                    .find(|r| r.node.as_deref() == Some(node) && r.kind == k)
+                    .and_then(|r| Some((r.seq, vigil::clock::parse_rfc3339_ms(&r.time)?)))
+            };
+            if pre {
+                // Its paused twin is there: a pre-creation newer than its last twin start.
+                let t0 = Instant::now();
+                while latest(K::VmStandby).map(|x| x.0) <= latest(K::VmStart).map(|x| x.0)
+                    || std::fs::read_dir(lab.dir.path().join("lab/appliance/vms"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten().flatten())
+                        .all(|v| {
+                            !v.file_name()
+                                .to_string_lossy()
+                                .starts_with(&format!("vigil-{node}-e"))
+                        })
+                {
+                    if t0.elapsed() > Duration::from_secs(60) {
+                        bail!("{node} got no pre-created twin");
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                // And QEMU has it paused (the create returned).
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 1000));
+            lab.control(
+                "POST",
+                &format!("/servers/{node}/inject"),
+                Some(json!({ "kind": "power-loss" })),
+            )?;
+            if !wait_state(&addr, node, "running-virtual", Duration::from_secs(60)) {
+                eprintln!("{node}: failover did not complete");
+            } else {
+                let recs = vigil::journal::verify(&journal)?;
+                let last = |k: K| {
+                    recs.iter()
+                        .rev()
+                        .find(|r| r.node.as_deref() == Some(node) && r.kind == k)
+                };
+                let ms = |r: Option<&vigil::journal::Record>| {
+                    r.and_then(|r| vigil::clock::parse_rfc3339_ms(&r.time))
+                };
+                let start = last(K::VmStart);
+                // The kind is what the log says happened, not what was asked for.
+                let kind =
+                    if start.is_some_and(|r| r.message.starts_with("resuming the pre-created")) {
+                        "pre-created"
+                    } else {
+                        "cold"
+                    };
+                if let (Some(f), Some(s), Some(r), Some(h)) = (
+                    ms(last(K::FenceConfirmed)),
+                    ms(start),
+                    ms(last(K::VmRunning)),
+                    ms(last(K::VmHeartbeat)),
+                ) {
+                    got.entry(kind).or_default().push((
+                        h.saturating_sub(f) as f64 / 1000.0,
+                        r.saturating_sub(s) as f64 / 1000.0,
+                        h.saturating_sub(r) as f64 / 1000.0,
+                    ));
+                }
+            }
+            lab.control("POST", &format!("/servers/{node}/repair"), None)?;
+            let _ = api(
+                &addr,
+                "POST",
+                &format!("/api/nodes/{node}/failback"),
+                Some(&token),
+            );
+            if !wait_state(&addr, node, "healthy", Duration::from_secs(90)) {
+                bail!("{node} did not fail back");
+            }
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(app.id().to_string())
+            .status();
+        let _ = app.wait();
+    }
+    println!(
+        "fence confirmed to the twin's first heartbeat (vigil run on the lab, power-loss failovers, QEMU {} twins of 1-2 vCPUs booting the lab guest; blocks of {block}, alternating):",
+        match vigil::virt::qemu::probe_accel() {
+            vigil::virt::spec::Accel::Kvm => "KVM",
+            vigil::virt::spec::Accel::Tcg => "TCG",
+        }
+    );
+    println!(
+        "{:<12} {:>5} {:>22} {:>22} {:>22}",
+        "twin",
+        "runs",
+        "fence->heartbeat p50/p99/max",
+        "vm-start->running p50/p99",
+        "running->heartbeat p50/p99"
+    );
+    for (kind, v) in &got {
+        let col = |f: fn(&(f64, f64, f64)) -> f64| v.iter().map(f).collect::<Vec<f64>>();
+        let mut a = col(|x| x.0);
+        let mut b = col(|x| x.1);
+        let mut c = col(|x| x.2);
+        let max = a.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{kind:<12} {:>5} {:>22} {:>22} {:>22}",
+            v.len(),
+            format!(
+                "{:.2}/{:.2}/{:.2}s",
+                pct(&mut a.clone(), 0.5),
+                pct(&mut a, 0.99),
+                max
+            ),
+            format!("{:.2}/{:.2}s", pct(&mut b.clone(), 0.5), pct(&mut b, 0.99)),
+            format!("{:.2}/{:.2}s", pct(&mut c.clone(), 0.5), pct(&mut c, 0.99)),
+        );
+    }
+    Ok(())
+}
+
 fn recovery(guest: &Path, runs: usize) -> anyhow::Result<()> {
     let guest = guest.canonicalize().context("no guest")?;
     let lab = Lab::start(&rack4()?, &["--guest", &guest.display().to_string()])?;
@@ -595,6 +790,7 @@ fn main() -> anyhow::Result<()> {
         What::Poll { runs } => poll(runs),
         What::Detect { runs } => detect(runs),
         What::Recovery { guest, runs } => recovery(&guest, runs),
+        What::Twins { guest, runs, block } => twins(&guest, runs, block.max(1)),
         What::Scale {
             sizes,
             window,

@@ -71,6 +71,47 @@ fn a_hardware_fault_requests_a_failover_and_the_gate_grants_it() {
 }
 
 #[test]
+fn a_pre_created_twin_s_epoch_goes_to_its_node_s_next_failover_only() {
+    let p = policy();
+    let d = Deadlines::default();
+    let mut rack = Rack::new(
+        [
+            ("db1".to_string(), Node::new("db1", Phase::Watching)),
+            ("web1".to_string(), Node::new("web1", Phase::Watching)),
+            ("web2".to_string(), Node::new("web2", Phase::Watching)),
+            ("batch1".to_string(), Node::new("batch1", Phase::Watching)),
+        ]
+        .into(),
+        4,
+    );
+    // db1's twin is pre-created under epoch 5; web1 fails first and gets a fresh one (6).
+    let reserved = rack.reserve_epoch();
+    rack.standby.insert("db1".into(), reserved);
+    assert_eq!(reserved, 5);
+    rack.nodes
+        .get_mut("web1")
+        .unwrap()
+        .step(verdict(HW), 100, &p, &d);
+    let a = rack.grant(&p, 150);
+    assert!(
+        matches!(&a[..], [Action::StartFailover { node, epoch: 6, .. }] if node == "web1"),
+        "{a:?}"
+    );
+    // db1 fails: it takes its reserved epoch, lower than the last handed out, once.
+    rack.nodes
+        .get_mut("db1")
+        .unwrap()
+        .step(verdict(HW), 200, &p, &d);
+    let a = rack.grant(&p, 250);
+    assert!(
+        matches!(&a[..], [Action::StartFailover { node, epoch: 5, .. }] if node == "db1"),
+        "{a:?}"
+    );
+    assert!(rack.standby.is_empty());
+    assert_eq!(rack.reserve_epoch(), 7, "never handed out twice");
+}
+
+#[test]
 fn observe_mode_and_a_pause_fence_nobody_and_say_so_once() {
     let mut p = policy();
     p.mode = Mode::Observe;
