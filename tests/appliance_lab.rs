@@ -692,6 +692,79 @@ fn a_pre_created_twin_is_resumed_at_failover_and_made_again_after_failback() {
         assert_eq!(standby_of(&journal(&lab), n).len(), 1, "{n}");
         assert_eq!(twins(&lab, n), 1, "{n}");
     }
+    // A pre-created twin that dies (its QEMU killed) is noticed and made again.
+    let vms = lab.state_dir().join("appliance/vms");
+    let pidfile = std::fs::read_dir(&vms)
+        .unwrap()
+        .flatten()
+        .flat_map(|h| std::fs::read_dir(h.path()).unwrap().flatten())
+        .find(|v| v.file_name().to_string_lossy().starts_with("vigil-web2-e"))
+        .unwrap()
+        .path()
+        .join("qemu.pid");
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t0 = Instant::now();
+    while standby_of(&journal(&lab), "web2").len() < 2 || twins(&lab, "web2") != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "web2's dead pre-created twin was not made again\n{}",
+            explain(&lab, "web2", &app.out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        journal(&lab)
+            .iter()
+            .any(|r| r.node.as_deref() == Some("web2")
+                && r.kind == K::VmStopped
+                && r.message.contains("not waiting any more"))
+    );
+
+    // Killed in the middle of batch1's fence (its paused twin waiting): the restart resumes the
+    // fence, then the twin; never the twin on the strength of an older fence.
+    let reserved_b = *standby_of(&journal(&lab), "batch1").last().unwrap();
+    lab.inject("batch1", json!({"kind": "power-loss"}));
+    let t0 = Instant::now();
+    while !journal_lines(&lab)
+        .iter()
+        .any(|r| r["node"] == "batch1" && r["kind"] == "failover-begin")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "batch1 never failed over"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    app.kill9();
+    let mut app = Appliance::start(&lab, "standby-3");
+    wait_state(&lab, "batch1", "running-virtual", Duration::from_secs(40));
+    assert_eq!(twins(&lab, "batch1"), 1);
+    let recs = journal(&lab);
+    check_log_invariants(&recs, "batch1");
+    let mine: Vec<_> = recs
+        .iter()
+        .filter(|r| r.node.as_deref() == Some("batch1") && r.epoch == Some(reserved_b))
+        .collect();
+    let confirmed = mine.iter().position(|r| r.kind == K::FenceConfirmed);
+    let started = mine.iter().position(|r| r.kind == K::VmStart).unwrap();
+    assert!(
+        confirmed.is_some_and(|c| c < started),
+        "no fence of epoch {reserved_b} confirmed before its twin started: {:?}",
+        mine.iter()
+            .map(|r| (r.kind, r.message.clone()))
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "batch1 after the kill: {:?}",
+        mine.iter().map(|r| r.kind).collect::<Vec<_>>()
+    );
 
     // Failback: the twin stops before db1 powers on; then a new paused twin, a new epoch.
     lab.repair("db1");
@@ -780,6 +853,39 @@ fn a_failback_to_a_server_whose_hardware_differs_waits_for_an_operator() {
             .any(|r| r.node.as_deref() == Some("web2") && r.kind == K::FailbackBegin),
         "nothing moved"
     );
+    // The CLI says so too, and returns at once.
+    let t0 = Instant::now();
+    let out = Command::new(assert_cmd::cargo::cargo_bin("vigil"))
+        .args(["failback", "web2", "--config"])
+        .arg(lab.config_path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("refused: failback of web2 refused"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    wait_state(&lab, "web2", "running-virtual", Duration::from_secs(10));
+    // Still watched where it runs (the phase names the twin's host again).
+    let host = recs
+        .iter()
+        .rev()
+        .find(|r| r.node.as_deref() == Some("web2") && r.kind == K::Placement)
+        .and_then(|r| r.detail["host"].as_str().map(String::from))
+        .unwrap();
+    let (_, status) = api(&lab, "GET", "/api/status", None);
+    let web2 = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "web2")
+        .unwrap()
+        .clone();
+    assert!(
+        web2["phase"]
+            .to_string()
+            .contains(&format!("\"host\":\"{host}\"")),
+        "{web2}"
+    );
 
     // Accepted by an operator: the differences are logged, the profile recorded anew, and the
     // workload moves (twin stopped first).
@@ -859,4 +965,43 @@ fn a_failover_server_that_loses_power_has_its_twins_placed_again_on_the_backup_s
     assert_eq!(twins(&lab, "batch1"), 1);
     check_log_invariants(&journal(&lab), "batch1");
     app.stop();
+}
+
+#[test]
+fn a_dry_run_failover_shows_the_twin_its_fidelity_and_its_host_and_touches_nothing() {
+    let lab = Lab::rack4(|t| t);
+    let vigil = |args: &[&str]| {
+        Command::new(assert_cmd::cargo::cargo_bin("vigil"))
+            .args(args)
+            .arg("--config")
+            .arg(lab.config_path())
+            .output()
+            .unwrap()
+    };
+    // No recorded profile yet: it says how to make one.
+    let out = vigil(&["failover", "db1", "--dry-run"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vigil profile capture"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(vigil(&["profile", "capture", "--all"]).status.success());
+    let out = vigil(&["failover", "db1", "--dry-run"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "db1's twin would be vigil-db1-e1",
+        "placement: Place { host: \"failover1\" }",
+        "cpu: Icelake-Server",
+        "= smbios uuid: 4c4c4544-004c-4c10-8056-c3c04f305233",
+        "~ memory: 131072 MiB -> 512 MiB",
+        "- PCIe accelerators (no emulation)",
+        "(dry run: nothing was fenced or started)",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    let s = lab.server("db1");
+    assert_eq!(s["power_state"], "On");
+    assert_eq!(s["resets"], json!([]));
 }

@@ -143,14 +143,20 @@ fn through_api(
     let (cfg, _, _) = config::load(file)?;
     cfg.node(node)
         .with_context(|| format!("no node named {node} in {}", file.display()))?;
-    let before = node_state(&cfg, node)?;
+    // The node's last record before the request: a refusal after it ends the wait.
+    let last_seq = |cfg: &config::Config| -> u64 {
+        api(cfg, "GET", &format!("/api/log?node={node}&limit=1"), None)
+            .ok()
+            .and_then(|(_, v)| v.as_array()?.last()?["seq"].as_u64())
+            .unwrap_or(0)
+    };
+    let seen = last_seq(&cfg);
     let (code, v) = api(&cfg, "POST", &format!("/api/nodes/{node}/{action}"), None)?;
     if code != 202 {
         bail!("the appliance refused: {v}");
     }
     let t0 = Instant::now();
     let mut last = String::new();
-    let mut moved = false;
     while t0.elapsed() < timeout {
         let s = node_state(&cfg, node)?;
         if s != last {
@@ -160,13 +166,21 @@ fn through_api(
         if s == done {
             return Ok(0);
         }
-        // Back where it started, after moving or after a while without moving: the job ended
-        // short (a refused failback leaves the twin running). The log says why.
-        moved |= s != before;
-        if s == before && (moved || t0.elapsed() > Duration::from_secs(10)) {
+        // A refusal of this action since the request (a failback refused for a server that is
+        // not the one recorded, or refused by the state machine): it is said, and the wait ends.
+        let verb = action.split('?').next().unwrap_or(action);
+        if let Ok((_, log)) = api(&cfg, "GET", &format!("/api/log?node={node}&limit=20"), None)
+            && let Some(r) = log.as_array().and_then(|rs| {
+                rs.iter().find(|r| {
+                    r["seq"].as_u64().is_some_and(|q| q > seen)
+                        && r["kind"] == "refusal"
+                        && r["message"].as_str().is_some_and(|m| m.contains(verb))
+                })
+            })
+        {
             eprintln!(
-                "{node} is {s} again: the {} did not go through; see `vigil log --node {node}`",
-                action.split('?').next().unwrap_or(action)
+                "refused: {}\nsee `vigil log --node {node}`",
+                r["message"].as_str().unwrap_or_default()
             );
             return Ok(1);
         }

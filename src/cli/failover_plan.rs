@@ -7,7 +7,7 @@ use anyhow::Context;
 use crate::config;
 use crate::journal;
 use crate::model::HardwareProfile;
-use crate::placement::{self, HostView, Request};
+use crate::placement::{self, HostView};
 use crate::virt::spec::{self, CpuTable, HostLimits};
 
 pub(super) fn dry_run(file: &Path, node: &str) -> anyhow::Result<u8> {
@@ -36,21 +36,7 @@ pub(super) fn dry_run(file: &Path, node: &str) -> anyhow::Result<u8> {
             healthy: true,
         })
         .collect();
-    let vcpus = n
-        .virtual_size
-        .map_or(
-            profile.cpu.sockets * profile.cpu.cores_per_socket * profile.cpu.threads_per_core,
-            |v| v.vcpus,
-        )
-        .max(1);
-    let req = Request {
-        node: node.into(),
-        group: n.isolation_group.clone(),
-        vcpus,
-        memory_bytes: n
-            .virtual_size
-            .map_or(profile.memory_mib << 20, |v| v.memory_bytes),
-    };
+    let req = crate::daemon::jobs::twin_request(n, &profile);
     let decision = placement::choose(&req, &hosts, &[]);
     let host = match &decision {
         Ok(placement::Decision::Place { host } | placement::Decision::AlreadyPlaced { host }) => {
@@ -60,7 +46,7 @@ pub(super) fn dry_run(file: &Path, node: &str) -> anyhow::Result<u8> {
     };
     let limits = host.map_or(
         HostLimits {
-            vcpus,
+            vcpus: req.vcpus,
             memory_mib: req.memory_bytes >> 20,
             accel: crate::virt::qemu::probe_accel(),
         },

@@ -223,12 +223,18 @@ pub async fn fence_node(
     crate::daemon::fence::fence(&plan, &env.journal, epoch, json!({ "verdict": verdict })).await
 }
 
-/// What a node's twin asks of a host: the node's configured size, or its profile's.
-fn twin_request(node: &NodeConfig, profile: &HardwareProfile) -> Request {
+/// What a node's twin asks of a host: the node's configured size, or its profile's (the
+/// failover, the pre-creation and `vigil failover --dry-run` ask the same).
+pub fn twin_request(node: &NodeConfig, profile: &HardwareProfile) -> Request {
+    // (Counts from a BMC: saturating, so a hostile one cannot overflow the product.)
     let vcpus = node
         .virtual_size
         .map_or(
-            profile.cpu.sockets * profile.cpu.cores_per_socket * profile.cpu.threads_per_core,
+            profile
+                .cpu
+                .sockets
+                .saturating_mul(profile.cpu.cores_per_socket)
+                .saturating_mul(profile.cpu.threads_per_core),
             |v| v.vcpus,
         )
         .max(1);
@@ -424,6 +430,18 @@ async fn check_the_server_in_place(
             differences.len()
         ));
     }
+    // Recorded first (whole, or not at all: written aside, then renamed over), so that the
+    // next twin is built from the server that now runs the workload.
+    let path = &node.hardware_profile;
+    let aside = path.with_extension("json.new");
+    std::fs::write(&aside, serde_json::to_vec_pretty(&now).unwrap_or_default())
+        .and_then(|()| std::fs::rename(&aside, path))
+        .map_err(|e| {
+            format!(
+                "the new hardware profile cannot be recorded at {} ({e}): nothing moved",
+                path.display()
+            )
+        })?;
     env.log(
         node_name,
         RecordKind::Operator,
@@ -435,10 +453,6 @@ async fn check_the_server_in_place(
         json!({ "differences": differences }),
     )
     .map_err(|e| format!("{e:?}"))?;
-    let _saved = std::fs::write(
-        &node.hardware_profile,
-        serde_json::to_vec_pretty(&now).unwrap_or_default(),
-    );
     Ok(())
 }
 
@@ -669,11 +683,31 @@ pub async fn failover(
             ),
             json!({ "vm": vm.name, "host": host_name, "spec": vm, "fidelity": vm.fidelity }),
         )?;
-        if already == VmState::Paused {
-            hv.start(&vm.name)
-                .await
-                .map_err(|e| JobEnd::Stalled(e.to_string()))?;
-        } else {
+        let mut cold = already != VmState::Paused;
+        if !cold && let Err(e) = hv.start(&vm.name).await {
+            // The pre-created twin would not resume: it goes, and a cold one takes its place
+            // in this same job (a retry would find it paused again and fail again).
+            let why = format!("it would not resume ({e}); a cold twin is started instead");
+            remove_paused(
+                env,
+                node_name,
+                epoch,
+                &host_name,
+                hv.as_ref(),
+                &vm.name,
+                &why,
+            )
+            .await?;
+            env.log(
+                node_name,
+                RecordKind::VmStart,
+                Some(epoch),
+                format!("starting {} on {host_name}, cold", vm.name),
+                json!({ "vm": vm.name, "host": host_name, "spec": vm, "fidelity": vm.fidelity }),
+            )?;
+            cold = true;
+        }
+        if cold {
             match hv.create(&vm, &id, false).await {
                 Ok(_) => {}
                 Err(e) => {
@@ -766,7 +800,22 @@ pub async fn failback(
         env.log(node_name, kind, Some(epoch), msg, detail)
             .map_err(|e| format!("{e:?}"))
     };
-    check_the_server_in_place(env, node_name, epoch, replacement).await?;
+    // The check belongs before anything moves: a failback resumed after a restart (its
+    // FailbackBegin is in the log) may already have stopped the twin.
+    let resumed = env
+        .journal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .records()
+        .iter()
+        .any(|r| {
+            r.node.as_deref() == Some(node_name)
+                && r.kind == RecordKind::FailbackBegin
+                && r.epoch == Some(epoch)
+        });
+    if !resumed {
+        check_the_server_in_place(env, node_name, epoch, replacement).await?;
+    }
     log(
         RecordKind::FailbackBegin,
         format!("failback of {node_name} begins: stopping {vm} first"),

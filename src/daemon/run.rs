@@ -167,7 +167,13 @@ enum JobResult {
     TwinLost(String, u64, String, String),
     /// A pre-created twin: (node, its reserved epoch, the host it waits on or why not).
     Standby(String, u64, Result<String, String>),
+    /// A pre-created twin read back: (node, epoch, what was read where it is not paused; empty
+    /// when it waits as it should).
+    StandbyCheck(String, u64, String),
 }
+
+/// How often each pre-created twin is read back from its hypervisor.
+const STANDBY_CHECK: Millis = 10_000;
 
 /// How long after a failed pre-creation the next one is tried.
 const STANDBY_RETRY: Millis = 60_000;
@@ -249,12 +255,15 @@ async fn recover(
                 && matches!(s, VmState::Running | VmState::Paused)
             {
                 if s == VmState::Paused {
+                    // A paused twin runs nothing: it is not adopted as running (a failover
+                    // interrupted before its fence resumes the fence, then resumes the twin).
                     paused
                         .entry(node.to_string())
                         .or_default()
                         .push((host.clone(), e));
+                } else {
+                    running.insert(node.to_string(), (host.clone(), e));
                 }
-                running.insert(node.to_string(), (host.clone(), e));
             }
         }
     }
@@ -575,7 +584,12 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let mut twin_checks: std::collections::HashSet<String> = std::collections::HashSet::new();
     // Pre-creations in flight, and when a failed one may be tried again.
     let mut standby_jobs: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // Pre-creations in flight whose node has had a failover since (its twin is of no use:
+    // the node's epochs went past it).
+    let mut standby_stale: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut standby_retry: HashMap<String, Millis> = HashMap::new();
+    let mut last_standby_check: Millis = 0;
+    let mut standby_checks: std::collections::HashSet<String> = std::collections::HashSet::new();
     // Nodes whose next failback moves to a replacement server, accepted by an operator.
     let mut accept_profile: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -653,10 +667,11 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     }
                     JobResult::Standby(n, epoch, r) => {
                         standby_jobs.remove(&n);
+                        let stale = standby_stale.remove(&n);
                         match r {
                             Ok(host) => {
                                 let watching = matches!(rack.nodes.get(&n).map(|x| &x.phase), Some(Phase::Watching));
-                                if watching && !rack.standby.contains_key(&n) {
+                                if watching && !stale && !rack.standby.contains_key(&n) {
                                     tracing::info!(node = %n, epoch, host = %host, "pre-created twin waits, paused");
                                     rack.standby.insert(n, epoch);
                                 } else {
@@ -678,6 +693,18 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         }
                         continue;
                     }
+                    JobResult::StandbyCheck(n, epoch, read) => {
+                        standby_checks.remove(&n);
+                        if !read.is_empty() && rack.standby.get(&n) == Some(&epoch) {
+                            // Its host lost power, or its QEMU died: a failover would start
+                            // cold. Dropped, and a new one made (what is left of it is cleared
+                            // by the node's next failover).
+                            rack.standby.remove(&n);
+                            tracing::warn!(node = %n, epoch, read = %read, "the pre-created twin is gone");
+                            append(&journal, Some(&n), RecordKind::VmStopped, Some(epoch), format!("{n}'s pre-created twin vigil-{n}-e{epoch} is not waiting any more ({read}): dropped; a new one is made"), json!({ "read": read, "paused": true }));
+                        }
+                        continue;
+                    }
                     JobResult::TwinLost(n, epoch, host, read) => {
                         twin_checks.remove(&n);
                         // Only if it is still that twin that is supposed to run.
@@ -694,6 +721,14 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 };
                 if let Some(x) = rack.nodes.get_mut(&node) {
                     pending.extend(x.step(input, now, &policy, &deadlines));
+                    // Back on its twin after a failback that did not go through: the twin is
+                    // watched again on the host it runs on.
+                    if let Phase::RunningVirtual { host, .. } = &mut x.phase
+                        && host.is_empty()
+                        && let Some(p) = env.placed.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|p| p.node == node)
+                    {
+                        *host = p.host.clone();
+                    }
                 }
             }
             Some(c) = crx.recv() => {
@@ -795,6 +830,39 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     // Pre-created twins: one for each watched node judged healthy that has
                     // none, made one at a time per node, its epoch reserved (and written to
                     // the log) before QEMU starts.
+                    // Pre-created twins are read back too (less often: they run nothing).
+                    if now.saturating_sub(last_standby_check) >= STANDBY_CHECK {
+                        last_standby_check = now;
+                        for (n, epoch) in &rack.standby {
+                            if !standby_checks.insert(n.clone()) {
+                                continue;
+                            }
+                            let (n, epoch, env, jtx) = (n.clone(), *epoch, env.clone(), jtx.clone());
+                            jobs.spawn(async move {
+                                let vm = format!("vigil-{n}-e{epoch}");
+                                let mut read = Vec::new();
+                                let mut waiting = false;
+                                for (host, hv) in &env.hypervisors {
+                                    match hv.status(&vm).await {
+                                        VmState::Paused => waiting = true,
+                                        VmState::Absent => {}
+                                        // Only read, never acted on here: a failover may
+                                        // have just taken and resumed it (what is left of a
+                                        // dead one is cleared by the node's next failover).
+                                        other => read.push(format!("{other:?} on {host}")),
+                                    }
+                                }
+                                let read = if waiting {
+                                    String::new()
+                                } else if read.is_empty() {
+                                    "absent".to_string()
+                                } else {
+                                    read.join(", ")
+                                };
+                                let _ = jtx.send(JobResult::StandbyCheck(n, epoch, read));
+                            });
+                        }
+                    }
                     if policy.precreate_twins && policy.mode == Mode::Act {
                         let want: Vec<String> = rack
                             .nodes
@@ -923,6 +991,9 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     why,
                 } => {
                     tracing::warn!(node = %node, epoch, fenced, why = %why, "failover starts");
+                    if standby_jobs.contains(&node) {
+                        standby_stale.insert(node.clone());
+                    }
                     jobs.spawn(async move {
                         let n2 = node.clone();
                         let ptx = jtx.clone();

@@ -219,6 +219,9 @@ pub fn state_of(records: &[crate::journal::Record], node: &str) -> FenceState {
             RecordKind::FenceBegin => {
                 s.interrupted = true;
                 s.epoch = r.epoch;
+                // A new fence is not confirmed by an older one: the node may have been powered
+                // on since by other means (an operator's hands after a maintenance fence).
+                s.off = false;
             }
             RecordKind::FenceConfirmed | RecordKind::AckOff => {
                 s.interrupted = false;
@@ -293,5 +296,17 @@ mod tests {
         let s = state_of(j.records(), "db1");
         assert!(s.off && !s.pending && !s.interrupted);
         assert_eq!(state_of(j.records(), "web1"), FenceState::default());
+        // A later fence that began is not confirmed by that one (the node may have been
+        // powered on by hand in between, with no record of it).
+        j.append(
+            Some("db1"),
+            RecordKind::FenceBegin,
+            Some(4),
+            "b",
+            json!(null),
+        )
+        .unwrap();
+        let s = state_of(j.records(), "db1");
+        assert!(!s.off && s.interrupted && s.epoch == Some(4));
     }
 }

@@ -243,6 +243,10 @@ pub struct Node {
     /// An overdue phase already reported.
     #[serde(skip)]
     overdue_reported: bool,
+    /// When vigil last power-cycled it for a software hang (policy `power-cycle`): once per
+    /// incident, until a verdict that does not fence says it is back.
+    #[serde(skip)]
+    power_cycled: Option<Millis>,
 }
 
 impl Node {
@@ -256,6 +260,7 @@ impl Node {
             last_failback: None,
             refused: None,
             overdue_reported: false,
+            power_cycled: None,
         }
     }
 
@@ -308,6 +313,9 @@ impl Node {
                 self.verdict = Some(d.kind);
                 if !d.kind.fences() {
                     self.refused = None;
+                    if d.kind != Kind::Suspect {
+                        self.power_cycled = None;
+                    }
                     return Vec::new();
                 }
                 if policy.mode == Mode::Observe {
@@ -329,6 +337,15 @@ impl Node {
                             "software hang on {name}: policy on_software_hang = alert"
                         )),
                     Kind::SoftwareHang if policy.on_software_hang == HangAction::PowerCycle => {
+                        // Once per incident: the evidence of the hang (a watchdog or panic
+                        // record since the last heartbeat) stands until the OS speaks again,
+                        // through the whole reboot the cycle causes.
+                        if let Some(at) = self.power_cycled {
+                            return self.refuse(format!(
+                                "software hang on {name}: power-cycled at {at} ms, waiting for it to come back"
+                            ));
+                        }
+                        self.power_cycled = Some(now);
                         vec![Action::PowerCycle { node: name }]
                     }
                     _ => {

@@ -398,20 +398,38 @@ impl QemuDriver {
         };
         let disk: crate::virt::spec::DiskSpec =
             serde_json::from_slice(&text).map_err(|e| fail(e.to_string()))?;
-        let out = q
-            .execute(
-                "human-monitor-command",
-                Some(serde_json::json!({ "command-line": format!(
+        // A resume that failed half-way (or an appliance killed in it) is tried again: what is
+        // already there is not added twice (QEMU would refuse the duplicate id for ever).
+        let blocks = q
+            .execute("query-block", None)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let drive = blocks
+            .as_array()
+            .and_then(|b| b.iter().find(|d| d["device"] == "d0").cloned());
+        if drive
+            .as_ref()
+            .is_some_and(|d| d["qdev"].as_str().is_some_and(|q| q.contains("vigil-disk")))
+        {
+            let _done = std::fs::remove_file(&pending);
+            return Ok(());
+        }
+        if drive.is_none() {
+            let out = q
+                .execute(
+                    "human-monitor-command",
+                    Some(serde_json::json!({ "command-line": format!(
                     "drive_add 0 file={},if=none,id=d0,format=raw,cache=none",
                     esc(&disk.source)
                 ) })),
-            )
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        // The human monitor answers "OK" or the error in words.
-        let said = out.as_str().unwrap_or_default().trim().to_string();
-        if said != "OK" {
-            return Err(fail(format!("drive_add: {said}")));
+                )
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            // The human monitor answers "OK" or the error in words.
+            let said = out.as_str().unwrap_or_default().trim().to_string();
+            if said != "OK" {
+                return Err(fail(format!("drive_add: {said}")));
+            }
         }
         let device = if disk.controller == "nvme" {
             serde_json::json!({ "driver": "nvme", "drive": "d0", "serial": "vigil0", "bus": DISK_PORT, "id": "vigil-disk" })
@@ -426,8 +444,11 @@ impl QemuDriver {
             .await
             .map_err(|e| fail(e.to_string()))?;
         let attached = blocks.as_array().is_some_and(|b| {
-            b.iter()
-                .any(|d| d["device"] == "d0" && d["inserted"]["file"].is_string())
+            b.iter().any(|d| {
+                d["device"] == "d0"
+                    && d["inserted"]["file"].is_string()
+                    && d["qdev"].as_str().is_some_and(|q| q.contains("vigil-disk"))
+            })
         });
         if !attached {
             return Err(fail(format!("query-block does not show it: {blocks}")));

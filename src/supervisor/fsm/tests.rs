@@ -112,6 +112,37 @@ fn a_pre_created_twin_s_epoch_goes_to_its_node_s_next_failover_only() {
 }
 
 #[test]
+fn a_hang_is_power_cycled_once_per_incident_under_that_policy() {
+    let mut p = policy();
+    p.on_software_hang = crate::config::HangAction::PowerCycle;
+    let d = Deadlines::default();
+    let mut n = Node::new("db1", Phase::Watching);
+    let cycles = |a: &[Action]| {
+        a.iter()
+            .filter(|x| matches!(x, Action::PowerCycle { .. }))
+            .count()
+    };
+    assert_eq!(cycles(&n.step(verdict(Kind::SoftwareHang), 0, &p, &d)), 1);
+    // The hang's evidence stands through the reboot the cycle causes: no second cycle.
+    for t in 1..20 {
+        let a = n.step(verdict(Kind::SoftwareHang), t * 100, &p, &d);
+        assert_eq!(cycles(&a), 0, "{a:?}");
+    }
+    assert_eq!(n.step(verdict(Kind::Suspect), 2_500, &p, &d), vec![]);
+    assert_eq!(
+        cycles(&n.step(verdict(Kind::SoftwareHang), 2_600, &p, &d)),
+        0
+    );
+    // Back (healthy): a later hang is a new incident.
+    n.step(verdict(Kind::Healthy), 5_000, &p, &d);
+    assert_eq!(
+        cycles(&n.step(verdict(Kind::SoftwareHang), 9_000, &p, &d)),
+        1
+    );
+    assert_eq!(n.phase, Phase::Watching);
+}
+
+#[test]
 fn observe_mode_and_a_pause_fence_nobody_and_say_so_once() {
     let mut p = policy();
     p.mode = Mode::Observe;
