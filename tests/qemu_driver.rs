@@ -36,6 +36,27 @@ fn guest() -> PathBuf {
     g
 }
 
+/// Kills the test's QEMU by its pid file when the test ends, passed or failed (a paused twin
+/// left behind would wait for ever).
+struct KillOnDrop(PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let Ok(pid) = std::fs::read_to_string(&self.0) else {
+            return;
+        };
+        let pid = pid.trim();
+        // Only that QEMU (its command line names the pid file's folder).
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let dir = self.0.parent().unwrap().display().to_string();
+        if String::from_utf8_lossy(&cmdline).contains(&dir) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", pid])
+                .status();
+        }
+    }
+}
+
 /// The files a process has open.
 fn open_files(pid: &str) -> Vec<PathBuf> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -104,6 +125,7 @@ async fn a_pre_created_twin_gets_its_disk_at_resume_and_sees_what_the_spec_says(
     };
     let name = spec.name.clone();
     let dir = run.path().join(&name);
+    let _cleanup = KillOnDrop(dir.join("qemu.pid"));
 
     // Pre-created: paused before its first instruction, without its disk (QEMU has not even
     // opened it: the physical node may still be using it until the fence).
