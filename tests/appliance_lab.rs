@@ -1005,3 +1005,66 @@ fn a_dry_run_failover_shows_the_twin_its_fidelity_and_its_host_and_touches_nothi
     assert_eq!(s["power_state"], "On");
     assert_eq!(s["resets"], json!([]));
 }
+
+#[test]
+fn no_second_twin_starts_while_the_host_of_the_first_cannot_be_read() {
+    use vigil::journal::RecordKind as K;
+    let _slot = twin_slot();
+    let lab = lab();
+    let _cleanup = Cleanup(&lab);
+    let mut app = Appliance::start(&lab, "unreadable-1");
+    wait_state(&lab, "batch1", "healthy", Duration::from_secs(30));
+    lab.inject("batch1", json!({"kind": "power-loss"}));
+    wait_state(&lab, "batch1", "running-virtual", Duration::from_secs(40));
+    assert_eq!(twins(&lab, "batch1"), 1);
+    // The appliance restarts and finds failover1's hypervisor unreadable (a libvirt host that
+    // does not answer), while batch1's twin still runs there.
+    app.kill9();
+    let cfg = lab.config_path();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let at = text.find("name = \"failover1\"").unwrap();
+    let (head, tail) = text.split_at(at);
+    let tail = tail.replacen(
+        "hypervisor = \"qemu\"\nuri = \"local\"",
+        "hypervisor = \"libvirt\"\nuri = \"qemu+unix:///system?socket=/nonexistent/libvirt-sock\"",
+        1,
+    );
+    std::fs::write(&cfg, format!("{head}{tail}")).unwrap();
+    // And failover1 is judged failed (its OS hangs; its power stays on, so the twin there
+    // keeps running): the backup server would take a replacement, if vigil believed an
+    // unreadable host had none.
+    lab.inject("failover1", json!({"kind": "os-hang"}));
+    let mut app = Appliance::start(&lab, "unreadable-2");
+    // It cannot tell whether that twin runs: it starts no other one, on the first try nor on
+    // the retry 30 s later (failover1 judged failed by then), and says why each time.
+    let refusals = || {
+        journal(&lab)
+            .into_iter()
+            .filter(|r| {
+                r.node.as_deref() == Some("batch1")
+                    && r.kind == K::Refusal
+                    && r.message.contains("cannot be read")
+            })
+            .collect::<Vec<_>>()
+    };
+    let t0 = Instant::now();
+    while refusals().len() < 2 {
+        assert!(twins(&lab, "batch1") <= 1, "a second twin of batch1");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "not refused twice\n{}",
+            explain(&lab, "batch1", &app.out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let reason = refusals()[0].message.clone();
+    assert!(reason.contains("failover1"), "{reason}");
+    assert_eq!(twins(&lab, "batch1"), 1);
+    let recs = journal(&lab);
+    let starts = recs
+        .iter()
+        .filter(|r| r.node.as_deref() == Some("batch1") && r.kind == K::VmStart)
+        .count();
+    assert_eq!(starts, 1, "no twin was started after the restart");
+    app.stop();
+}

@@ -535,8 +535,37 @@ pub async fn failover(
         .unwrap_or_else(|p| p.into_inner())
         .get(node_name)
         .cloned();
+    // Hosts whose hypervisor cannot be read. One where, by the log, a twin of this node may
+    // still run stops the job: nothing is started elsewhere until that twin is confirmed
+    // stopped (its hypervisor answers again). The others take no twin this time.
+    let may_run = {
+        let j = env.journal.lock().unwrap_or_else(|p| p.into_inner());
+        crate::journal::twin_hosts(j.records(), node_name)
+    };
+    let mut unreadable: Vec<String> = Vec::new();
     for (host, hv) in &env.hypervisors {
-        for (vm, state) in hv.list().await {
+        let vms = match hv.list_checked().await {
+            Ok(vms) => vms,
+            Err(e) if may_run.contains(host) => {
+                let why = format!(
+                    "{host}'s hypervisor cannot be read ({e}), and a twin of {node_name} started there is not known to be stopped: no twin is started elsewhere until it is (its hypervisor answering again)"
+                );
+                env.log(
+                    node_name,
+                    RecordKind::Refusal,
+                    Some(epoch),
+                    why.clone(),
+                    json!({ "host": host, "error": e.to_string() }),
+                )?;
+                return Err(JobEnd::Stalled(why));
+            }
+            Err(e) => {
+                tracing::warn!(node = %node_name, host = %host, error = %e, "a host's hypervisor cannot be read: it takes no twin now");
+                unreadable.push(host.clone());
+                continue;
+            }
+        };
+        for (vm, state) in vms {
             let Some(e) = twin_epoch(&vm, node_name) else {
                 continue;
             };
@@ -615,6 +644,9 @@ pub async fn failover(
         None => {
             let placed = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let mut views = env.host_views();
+            for v in views.iter_mut().filter(|v| unreadable.contains(&v.name)) {
+                v.healthy = false;
+            }
             if let Some(bad) = env
                 .avoid
                 .lock()
@@ -716,7 +748,7 @@ pub async fn failover(
                         RecordKind::FailoverFailed,
                         Some(epoch),
                         format!("{} did not start: {e}", vm.name),
-                        json!({ "error": e.to_string() }),
+                        json!({ "error": e.to_string(), "vm": vm.name, "host": host_name }),
                     )?;
                     env.placed
                         .lock()
@@ -764,7 +796,7 @@ pub async fn failover(
             }
             Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
             Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
-                let _stopped = hv.stop(&vm.name, Duration::from_secs(2)).await;
+                let stopped = hv.stop(&vm.name, Duration::from_secs(2)).await;
                 env.placed
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -773,12 +805,19 @@ pub async fn failover(
                     node_name,
                     RecordKind::FailoverFailed,
                     Some(epoch),
-                    format!(
-                        "{} sent no heartbeat within {} s: stopped",
-                        vm.name,
-                        BOOT_TIMEOUT.as_secs()
-                    ),
-                    json!({ "vm": vm.name }),
+                    match &stopped {
+                        Ok(()) => format!(
+                            "{} sent no heartbeat within {} s: stopped",
+                            vm.name,
+                            BOOT_TIMEOUT.as_secs()
+                        ),
+                        Err(e) => format!(
+                            "{} sent no heartbeat within {} s, and could not be confirmed stopped ({e})",
+                            vm.name,
+                            BOOT_TIMEOUT.as_secs()
+                        ),
+                    },
+                    json!({ "vm": vm.name, "host": host_name, "stopped": stopped.is_ok() }),
                 )?;
                 return Err(JobEnd::Stalled(format!("{} sent no heartbeat", vm.name)));
             }

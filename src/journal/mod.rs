@@ -426,13 +426,44 @@ impl Journal {
     }
 }
 
+/// The hosts where a twin of `node` may still run according to the log: each twin started
+/// there (`vm-start`, with its VM and host) and not since recorded stopped (`vm-stopped` of that
+/// VM, or a `failover-failed` that says it was stopped or never started).
+pub fn twin_hosts(records: &[Record], node: &str) -> std::collections::BTreeSet<String> {
+    let mut live: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    for r in records.iter().filter(|r| r.node.as_deref() == Some(node)) {
+        let vm = r.detail["vm"].as_str().map(String::from);
+        match r.kind {
+            RecordKind::VmStart => {
+                if let (Some(vm), Some(host)) = (vm, r.detail["host"].as_str()) {
+                    live.insert(vm, host.to_string());
+                }
+            }
+            RecordKind::VmStopped => {
+                if let Some(vm) = vm {
+                    live.remove(&vm);
+                }
+            }
+            RecordKind::FailoverFailed if r.detail["stopped"] != false => {
+                if let Some(vm) = vm {
+                    live.remove(&vm);
+                }
+            }
+            _ => {}
+        }
+    }
+    live.into_values().collect()
+}
+
 /// Whether `node`'s virtual twin is running according to the log: started and not stopped since.
 pub fn twin_running(records: &[Record], node: &str) -> bool {
     let mut running = false;
     for r in records.iter().filter(|r| r.node.as_deref() == Some(node)) {
         match r.kind {
             RecordKind::VmStart | RecordKind::VmRunning | RecordKind::VmHeartbeat => running = true,
-            RecordKind::VmStopped | RecordKind::FailoverFailed => running = false,
+            RecordKind::VmStopped => running = false,
+            // Unless it says its twin could not be confirmed stopped.
+            RecordKind::FailoverFailed if r.detail["stopped"] != false => running = false,
             _ => {}
         }
     }
@@ -444,6 +475,40 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn the_hosts_a_twin_may_run_on_follow_starts_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let mut add = |kind, detail| {
+            j.append(Some("db1"), kind, Some(1), "x", detail).unwrap();
+        };
+        add(
+            RecordKind::VmStart,
+            json!({ "vm": "vigil-db1-e1", "host": "failover1" }),
+        );
+        add(
+            RecordKind::VmStopped,
+            json!({ "vm": "vigil-db1-e1", "host": "failover1" }),
+        );
+        add(
+            RecordKind::VmStart,
+            json!({ "vm": "vigil-db1-e2", "host": "backup1" }),
+        );
+        add(
+            RecordKind::FailoverFailed,
+            json!({ "vm": "vigil-db1-e2", "stopped": false }),
+        );
+        add(
+            RecordKind::VmStart,
+            json!({ "vm": "vigil-db1-e3", "host": "failover1" }),
+        );
+        add(RecordKind::FailoverFailed, json!({ "vm": "vigil-db1-e3" }));
+        let hosts: Vec<String> = twin_hosts(j.records(), "db1").into_iter().collect();
+        // e2 could not be confirmed stopped on backup1; e1 and e3 are gone.
+        assert_eq!(hosts, vec!["backup1"]);
+        assert!(twin_hosts(j.records(), "web1").is_empty());
+    }
 
     #[test]
     fn records_chain_and_survive_a_reopen() {

@@ -498,11 +498,19 @@ impl Hypervisor for LibvirtDriver {
     }
 
     fn list(&self) -> BoxFuture<'_, Vec<(String, VmState)>> {
+        Box::pin(async move { self.list_checked().await.unwrap_or_default() })
+    }
+
+    fn list_checked(&self) -> BoxFuture<'_, Result<Vec<(String, VmState)>, VirtError>> {
         Box::pin(async move {
             let names = self
                 .virsh(&["list", "--all", "--name"])
                 .await
-                .unwrap_or_default();
+                .map_err(|reason| VirtError::Io {
+                    vm: "*".into(),
+                    what: "list the host's domains",
+                    reason,
+                })?;
             let mut out = Vec::new();
             for n in names
                 .lines()
@@ -511,7 +519,7 @@ impl Hypervisor for LibvirtDriver {
             {
                 out.push((n.to_string(), self.state(n).await));
             }
-            out
+            Ok(out)
         })
     }
 }

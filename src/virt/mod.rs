@@ -136,6 +136,12 @@ pub trait Hypervisor: Send + Sync {
     fn destroy(&self, name: &str) -> BoxFuture<'_, Result<(), VirtError>>;
     /// Every VM this driver knows, with its state.
     fn list(&self) -> BoxFuture<'_, Vec<(String, VmState)>>;
+    /// The same, or an error when the hypervisor cannot be read at all (a remote host that
+    /// does not answer): "no VMs" and "cannot tell" are not the same answer when a second twin
+    /// would start on the strength of it.
+    fn list_checked(&self) -> BoxFuture<'_, Result<Vec<(String, VmState)>, VirtError>> {
+        Box::pin(async move { Ok(self.list().await) })
+    }
     /// What the driver had to give up at create beyond the spec's fidelity report (libvirt:
     /// CPU features its CPU map requires that the host cannot give), for the fencing log.
     fn adjustments(&self, _name: &str) -> Vec<String> {
