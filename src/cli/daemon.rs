@@ -143,20 +143,20 @@ fn through_api(
     let (cfg, _, _) = config::load(file)?;
     cfg.node(node)
         .with_context(|| format!("no node named {node} in {}", file.display()))?;
-    // The node's last record before the request: a refusal after it ends the wait.
-    let last_seq = |cfg: &config::Config| -> u64 {
-        api(cfg, "GET", &format!("/api/log?node={node}&limit=1"), None)
-            .ok()
-            .and_then(|(_, v)| v.as_array()?.last()?["seq"].as_u64())
-            .unwrap_or(0)
-    };
-    let seen = last_seq(&cfg);
+    // The node's last record and state before the request: a refusal after that record ends
+    // the wait.
+    let seen = api(&cfg, "GET", &format!("/api/log?node={node}&limit=1"), None)
+        .ok()
+        .and_then(|(_, v)| v.as_array()?.last()?["seq"].as_u64())
+        .unwrap_or(0);
+    let before = node_state(&cfg, node)?;
     let (code, v) = api(&cfg, "POST", &format!("/api/nodes/{node}/{action}"), None)?;
     if code != 202 {
         bail!("the appliance refused: {v}");
     }
     let t0 = Instant::now();
     let mut last = String::new();
+    let mut log_read: Option<Instant> = None;
     while t0.elapsed() < timeout {
         let s = node_state(&cfg, node)?;
         if s != last {
@@ -168,8 +168,15 @@ fn through_api(
         }
         // A refusal of this action since the request (a failback refused for a server that is
         // not the one recorded, or refused by the state machine): it is said, and the wait ends.
+        // Looked for only while the node is where it was (a job under way is left alone), and
+        // at most every 2 s: the appliance reads its whole log to answer.
         let verb = action.split('?').next().unwrap_or(action);
-        if let Ok((_, log)) = api(&cfg, "GET", &format!("/api/log?node={node}&limit=20"), None)
+        let look = s == before && log_read.is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+        if look {
+            log_read = Some(Instant::now());
+        }
+        if look
+            && let Ok((_, log)) = api(&cfg, "GET", &format!("/api/log?node={node}&limit=20"), None)
             && let Some(r) = log.as_array().and_then(|rs| {
                 rs.iter().find(|r| {
                     r["seq"].as_u64().is_some_and(|q| q > seen)

@@ -424,7 +424,7 @@ async fn check_the_server_in_place(
             ),
             json!({ "differences": differences }),
         )
-        .map_err(|e| format!("{e:?}"))?;
+        .map_err(JobEnd::reason)?;
         return Err(format!(
             "the server in {node_name}'s place differs from the recorded profile ({} difference(s))",
             differences.len()
@@ -452,7 +452,7 @@ async fn check_the_server_in_place(
         ),
         json!({ "differences": differences }),
     )
-    .map_err(|e| format!("{e:?}"))?;
+    .map_err(JobEnd::reason)?;
     Ok(())
 }
 
@@ -837,7 +837,7 @@ pub async fn failback(
     let mut returns = env.returns.subscribe();
     let log = |kind, msg: String, detail| {
         env.log(node_name, kind, Some(epoch), msg, detail)
-            .map_err(|e| format!("{e:?}"))
+            .map_err(JobEnd::reason)
     };
     // The check belongs before anything moves: a failback resumed after a restart (its
     // FailbackBegin is in the log) may already have stopped the twin.

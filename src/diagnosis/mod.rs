@@ -521,17 +521,23 @@ impl Diagnoser {
     /// petting and the BMC's timer ran out, whatever it then did to the host (reset, power down
     /// or cycle). A heartbeat after the record (the OS back after the reset) clears it.
     fn watchdog_fired_since_heartbeat(&self) -> Option<String> {
+        self.logged_since_heartbeat(|e, m| {
+            e.sensor_type
+                .as_deref()
+                .is_some_and(|t| t.starts_with("Watchdog"))
+                || m.contains("watchdog")
+        })
+    }
+
+    /// An asserted record matching `pred` (given the entry and its lower-cased message) seen
+    /// after the node's last heartbeat: its message. A heartbeat after it clears it.
+    fn logged_since_heartbeat(&self, pred: impl Fn(&LogEntry, &str) -> bool) -> Option<String> {
         let last_hb = self.last_heartbeat.unwrap_or(0);
         self.log
             .iter()
             .filter(|(at, e)| *at > last_hb && e.asserted)
             .map(|(_, e)| e)
-            .find(|e| {
-                e.sensor_type
-                    .as_deref()
-                    .is_some_and(|t| t.starts_with("Watchdog"))
-                    || e.message.to_ascii_lowercase().contains("watchdog")
-            })
+            .find(|e| pred(e, &e.message.to_ascii_lowercase()))
             .map(|e| e.message.clone())
     }
 
@@ -643,15 +649,11 @@ impl Diagnoser {
         // A record that says the OS or CPU died, seen after the node's last heartbeat with none
         // since, means the same: the heartbeat timeout need not be waited out. A heartbeat after
         // the record (a reboot) clears it.
-        let last_hb = self.last_heartbeat.unwrap_or(0);
-        let fatal_since_hb = self.log.iter().any(|(at, e)| {
-            let m = e.message.to_ascii_lowercase();
-            *at > last_hb
-                && e.asserted
-                && (m.contains("critical stop")
-                    || m.contains("ierr")
-                    || m.contains("uncorrectable"))
-        });
+        let fatal_since_hb = self
+            .logged_since_heartbeat(|_, m| {
+                m.contains("critical stop") || m.contains("ierr") || m.contains("uncorrectable")
+            })
+            .is_some();
         if hb && !off_unasked && !fatal_since_hb {
             let failed_psus = snap
                 .psus
