@@ -128,13 +128,19 @@ pub struct HardwareProfile {
 
 /// What changed between two captures, one line each.
 pub fn diff(old: &HardwareProfile, new: &HardwareProfile) -> Vec<String> {
-    let mut d = Vec::new();
-    let (a, b) = (
-        serde_json::to_value(old).unwrap_or_default(),
-        serde_json::to_value(new).unwrap_or_default(),
-    );
+    diff_values(
+        &serde_json::to_value(old).unwrap_or_default(),
+        &serde_json::to_value(new).unwrap_or_default(),
+    )
+}
+
+/// What changed between two JSON documents, one line per path: objects key by key; arrays (NICs,
+/// DIMMs, drives, flags) as collections, since a BMC may list the same parts in another order
+/// after a reboot: an element only in the old one is "removed", only in the new one "added".
+fn diff_values(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, d: &mut Vec<String>) {
         use serde_json::Value::*;
+        let here = path.trim_start_matches('.');
         match (a, b) {
             (Object(x), Object(y)) => {
                 let keys: std::collections::BTreeSet<&std::string::String> =
@@ -148,10 +154,61 @@ pub fn diff(old: &HardwareProfile, new: &HardwareProfile) -> Vec<String> {
                     );
                 }
             }
-            _ if a != b => d.push(format!("{}: {} -> {}", path.trim_start_matches('.'), a, b)),
+            (Array(x), Array(y)) => {
+                let mut added: Vec<&serde_json::Value> = y.iter().collect();
+                let mut removed = Vec::new();
+                for v in x {
+                    match added.iter().position(|w| *w == v) {
+                        Some(i) => {
+                            added.remove(i);
+                        }
+                        None => removed.push(v),
+                    }
+                }
+                d.extend(removed.iter().map(|v| format!("{here}: removed {v}")));
+                d.extend(added.iter().map(|v| format!("{here}: added {v}")));
+            }
+            _ if a != b => d.push(format!("{here}: {a} -> {b}")),
             _ => {}
         }
     }
-    walk("", &a, &b, &mut d);
+    let mut d = Vec::new();
+    walk("", a, b, &mut d);
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn parts_listed_in_another_order_are_no_difference_and_changed_ones_are_named() {
+        let old = json!({
+            "smbios": { "serial": "A1" },
+            "memory_mib": 1024,
+            "nics": [{ "mac": "aa", "speed": 10 }, { "mac": "bb", "speed": 10 }],
+        });
+        // The same parts, listed the other way round: nothing to report.
+        let same = json!({
+            "smbios": { "serial": "A1" },
+            "memory_mib": 1024,
+            "nics": [{ "mac": "bb", "speed": 10 }, { "mac": "aa", "speed": 10 }],
+        });
+        assert!(diff_values(&old, &same).is_empty());
+        let new = json!({
+            "smbios": { "serial": "B2" },
+            "memory_mib": 1024,
+            "nics": [{ "mac": "bb", "speed": 10 }, { "mac": "cc", "speed": 25 }],
+        });
+        assert_eq!(
+            diff_values(&old, &new),
+            vec![
+                r#"nics: removed {"mac":"aa","speed":10}"#.to_string(),
+                r#"nics: added {"mac":"cc","speed":25}"#.to_string(),
+                r#"smbios.serial: "A1" -> "B2""#.to_string(),
+            ]
+        );
+    }
 }
