@@ -247,7 +247,17 @@ pub struct Node {
     /// incident, until a verdict that does not fence says it is back.
     #[serde(skip)]
     power_cycled: Option<Millis>,
+    /// When vigil last fenced it again for coming on beside its twin: one refence per
+    /// [`REFENCE_AGAIN`] while it keeps reading on (a fence in flight takes its time; a verdict
+    /// per pass must not send a fence per pass), at once again after it has read off.
+    #[serde(skip)]
+    refenced: Option<Millis>,
 }
+
+/// How long after a refence another is asked for while the node still reads on (the runtime
+/// keeps one in flight per node; this spaces out the retries of one that failed, and lets the
+/// BMC's reading catch up with one that took).
+pub const REFENCE_AGAIN: Millis = 5_000;
 
 impl Node {
     /// A node in `phase` (Watching on a fresh start; whatever the log says after a restart).
@@ -261,6 +271,7 @@ impl Node {
             refused: None,
             overdue_reported: false,
             power_cycled: None,
+            refenced: None,
         }
     }
 
@@ -455,7 +466,18 @@ impl Node {
                 let Some(p) = phys else { return Vec::new() };
                 if matches!(p.power, PowerReading::On | PowerReading::PoweringOn) {
                     self.repaired_since = None;
+                    if self
+                        .refenced
+                        .is_some_and(|t| now.saturating_sub(t) < REFENCE_AGAIN)
+                    {
+                        return Vec::new();
+                    }
+                    self.refenced = Some(now);
                     return vec![Action::Refence { node: name, epoch }];
+                }
+                if p.power == PowerReading::Off {
+                    // Off again: a later power-on is a new occasion, fenced at once.
+                    self.refenced = None;
                 }
                 if p.health == Health::Ok && p.power == PowerReading::Off {
                     let r = *self.repaired_since.get_or_insert(now);

@@ -308,6 +308,34 @@ fn a_physical_node_powered_on_while_its_twin_runs_is_fenced_again() {
             epoch: 3
         }]
     );
+    // Still reading on while that fence is in flight: no second fence per verdict (a storm of
+    // them under load was seen in the lab), until REFENCE_AGAIN has passed.
+    for t in [20, 500, REFENCE_AGAIN / 2, REFENCE_AGAIN + 9] {
+        let a = n.step(phys(Kind::Suspect, PowerReading::On, Health::Ok), t, &p, &d);
+        assert!(a.is_empty(), "at {t}: {a:?}");
+    }
+    let a = n.step(
+        phys(Kind::Suspect, PowerReading::On, Health::Ok),
+        REFENCE_AGAIN + 10,
+        &p,
+        &d,
+    );
+    assert!(matches!(a.as_slice(), [Action::Refence { .. }]), "{a:?}");
+    // Read off, then on again: a new occasion, fenced at once.
+    let t = REFENCE_AGAIN + 20;
+    let _ = n.step(
+        phys(Kind::Suspect, PowerReading::Off, Health::Ok),
+        t,
+        &p,
+        &d,
+    );
+    let a = n.step(
+        phys(Kind::Suspect, PowerReading::On, Health::Ok),
+        t + 1,
+        &p,
+        &d,
+    );
+    assert!(matches!(a.as_slice(), [Action::Refence { .. }]), "{a:?}");
 }
 
 #[test]
