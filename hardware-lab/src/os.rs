@@ -13,7 +13,7 @@
 //!   passes the pets on to the server's real IPMI BMC.
 //!
 //! On a failover or backup server, [`host_vms`] makes the virtual nodes the appliance runs
-//! there die with the server's power.
+//! there die with the server's power and freeze while its OS hangs.
 //!
 //! Scope: processes and sockets. What the OS state *is* comes from `server.rs`.
 //!
@@ -200,42 +200,88 @@ pub fn socket_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("wd")
 }
 
-/// A failover or backup server's virtual nodes live on its power: while the server is off, none
-/// of them runs. The appliance starts them with real QEMU on this machine, in
-/// `vms_dir/<vm>/` (its QEMU driver's folder for this host); each time the server reads off,
-/// every QEMU of that folder is killed (SIGKILL, by the PID it wrote, checked to be that QEMU).
-/// The appliance then finds its twins there stopped, as it would find them on a real host that
-/// lost power. Runs until `cancel`.
+/// A failover or backup server's virtual nodes live on its power and its kernel: while the
+/// server is off, none of them runs; while its OS hangs, none of them is scheduled. The appliance
+/// starts them with real QEMU on this machine, in `vms_dir/<vm>/` (its QEMU driver's folder for
+/// this host). Each time the server goes off (read off, or a reset or cycle passed through off),
+/// every QEMU of that folder is killed (SIGKILL, by the PID it wrote, checked to be that QEMU)
+/// within [`HOST_VMS_EVERY`], well before a fence can confirm the Off (two reads 150 ms apart);
+/// while its OS is hung they are frozen (SIGSTOP), and they go on (SIGCONT) when it runs again
+/// or this task ends. The appliance then finds its twins there stopped, or silent, as it would
+/// on a real host that lost power or whose kernel hung. Runs until `cancel`.
 pub async fn host_vms(
     server: Arc<SimServer>,
     vms_dir: PathBuf,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    // The QEMUs this task froze, to be let go when the OS runs again.
+    let mut frozen: std::collections::BTreeSet<i32> = std::collections::BTreeSet::new();
+    let mut offs_seen = server.state().power_offs;
     loop {
-        let off = server.state().power.power_state() == crate::power::PowerState::Off;
-        if off {
-            for vm in std::fs::read_dir(&vms_dir).into_iter().flatten().flatten() {
-                let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) else {
-                    continue;
-                };
-                let Ok(pid) = pid.trim().parse::<i32>() else {
-                    continue;
-                };
-                // Only that VM's QEMU: the pid file may be stale and the number reused.
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.starts_with("qemu-system")
-                    && cmdline.contains(&*vm.path().to_string_lossy())
-                {
-                    tracing::info!(server = %server.name, vm = %vm.file_name().to_string_lossy(), pid, "the host is off: its virtual node dies with it");
+        let (off, hung, offs) = {
+            let st = server.state();
+            (
+                st.power.power_state() == crate::power::PowerState::Off,
+                st.os == OsState::Hung,
+                st.power_offs,
+            )
+        };
+        let went_off = off || offs != offs_seen;
+        offs_seen = offs;
+        if went_off || hung {
+            for (vm, pid) in host_qemus(&vms_dir) {
+                if went_off {
+                    tracing::info!(server = %server.name, vm = %vm, pid, "the host went off: its virtual node dies with it");
                     let _gone = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    frozen.remove(&pid);
+                } else if frozen.insert(pid) {
+                    tracing::info!(server = %server.name, vm = %vm, pid, "the host's OS hangs: its virtual node is frozen with it");
+                    let _gone = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+                }
+            }
+        }
+        if !hung || went_off {
+            for pid in std::mem::take(&mut frozen) {
+                // (Only a PID this task froze, and only while it is still a QEMU of this host.)
+                if host_qemus(&vms_dir).iter().any(|(_, p)| *p == pid) {
+                    let _gone = kill(Pid::from_raw(pid), Signal::SIGCONT);
                 }
             }
         }
         tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            _ = server.changed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = cancel.cancelled() => {
+                // Nothing is left stopped behind the lab (a stopped QEMU ignores SIGTERM).
+                for pid in frozen {
+                    if host_qemus(&vms_dir).iter().any(|(_, p)| *p == pid) {
+                        let _gone = kill(Pid::from_raw(pid), Signal::SIGCONT);
+                    }
+                }
+                return Ok(());
+            }
+            _ = tokio::time::sleep(HOST_VMS_EVERY) => {}
         }
     }
+}
+
+/// How often [`host_vms`] reads its server's power and OS.
+pub const HOST_VMS_EVERY: Duration = Duration::from_millis(20);
+
+/// The QEMUs of a host's VM folder that still run: (VM, PID), each PID read from the VM's pid
+/// file and checked against its command line (the file may be stale and the number reused).
+fn host_qemus(vms_dir: &Path) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for vm in std::fs::read_dir(vms_dir).into_iter().flatten().flatten() {
+        let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) else {
+            continue;
+        };
+        let Ok(pid) = pid.trim().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.starts_with("qemu-system") && cmdline.contains(&*vm.path().to_string_lossy()) {
+            out.push((vm.file_name().to_string_lossy().into_owned(), pid));
+        }
+    }
+    out
 }

@@ -201,6 +201,9 @@ pub struct ServerState {
     /// Transitions not yet taken by the simulated OS.
     #[serde(skip)]
     pub pending_events: Vec<PowerEvent>,
+    /// How many times the host went off (each PoweredOff, a reset's or a cycle's too): what
+    /// runs on its power dies with it, even when no reading ever saw it Off.
+    pub power_offs: u64,
     /// The host watchdog.
     pub watchdog: Watchdog,
     /// Whether the OS state itself pets the watchdog (no agent process runs for this server).
@@ -277,6 +280,7 @@ impl SimServer {
                 sessions_refused: 0,
                 resets: Vec::new(),
                 pending_events: Vec::new(),
+                power_offs: 0,
                 watchdog: Watchdog {
                     armed: true,
                     timeout_ms: DEFAULT_WATCHDOG_TIMEOUT_MS,
@@ -491,6 +495,9 @@ impl ServerState {
         for e in events {
             match e {
                 PowerEvent::PoweredOff | PowerEvent::PoweredOn => {
+                    if *e == PowerEvent::PoweredOff {
+                        self.power_offs += 1;
+                    }
                     self.os = OsState::Down;
                     // A reset stops the watchdog; the next OS arms it again.
                     self.watchdog.armed = false;

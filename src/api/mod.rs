@@ -86,13 +86,22 @@ async fn send(app: &App, headers: &HeaderMap, c: Command) -> Response {
         | Command::Failover(n)
         | Command::Failback(n)
         | Command::FailbackReplacement(n) => Some(n),
-        Command::AckOff { node, .. } => Some(node),
         _ => None,
     } && app.cfg.node(n).is_none()
     {
         return (
             StatusCode::NOT_FOUND,
             Json(json!({ "error": format!("no node named {n}") })),
+        )
+            .into_response();
+    }
+    // A failover or backup server may be acknowledged off too (its twins then count stopped).
+    if let Command::AckOff { node, .. } = &c
+        && app.cfg.machine(node).is_none()
+    {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("no node or host named {node}") })),
         )
             .into_response();
     }

@@ -157,6 +157,8 @@ fn through_api(
     let t0 = Instant::now();
     let mut last = String::new();
     let mut log_read: Option<Instant> = None;
+    // Whether the node has left the state it was in: back in it, the job ended short.
+    let mut left = false;
     while t0.elapsed() < timeout {
         let s = node_state(&cfg, node)?;
         if s != last {
@@ -165,6 +167,38 @@ fn through_api(
         }
         if s == done {
             return Ok(0);
+        }
+        left |= s != before;
+        if left && s == before {
+            // The job ran and the node is back where it was: it did not go through. The log
+            // says why (the first refusal or failure since the request).
+            let verb = action.split('?').next().unwrap_or(action);
+            let why = api(
+                &cfg,
+                "GET",
+                &format!("/api/log?node={node}&limit=200"),
+                None,
+            )
+            .ok()
+            .and_then(|(_, log)| {
+                let since: Vec<&Value> = log
+                    .as_array()?
+                    .iter()
+                    .filter(|r| r["seq"].as_u64().is_some_and(|q| q > seen))
+                    .collect();
+                let says = |r: &&&Value, kind: &str| {
+                    r["kind"] == kind && r["message"].as_str().is_some_and(|m| m.contains(verb))
+                };
+                // This action's refusal first, then a failed failover.
+                since
+                    .iter()
+                    .find(|r| says(r, "refusal"))
+                    .or_else(|| since.iter().find(|r| r["kind"] == "failover-failed"))
+                    .and_then(|r| r["message"].as_str().map(String::from))
+            })
+            .unwrap_or_else(|| format!("the {action} did not go through"));
+            eprintln!("refused: {why}\nsee `vigil log --node {node}`");
+            return Ok(1);
         }
         // A refusal of this action since the request (a failback refused for a server that is
         // not the one recorded, or refused by the state machine): it is said, and the wait ends.

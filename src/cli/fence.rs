@@ -59,7 +59,30 @@ pub(super) fn run(
         let reason =
             reason.context("--ack-off needs --reason \"what you did to make sure it is off\"")?;
         let by = by.unwrap_or_else(operator);
-        let journal = Arc::new(Mutex::new(Journal::open(&s.cfg.appliance.state_dir)?));
+        let journal = match Journal::open(&s.cfg.appliance.state_dir) {
+            Ok(j) => Arc::new(Mutex::new(j)),
+            // The running appliance holds the log: the acknowledgement goes through its API,
+            // which writes it (a node's pending fence goes on at once; a failed host's twins
+            // count stopped at their failover's next try).
+            Err(crate::journal::JournalError::Busy(_)) => {
+                let (code, answer) = super::daemon::api(
+                    &s.cfg,
+                    "POST",
+                    &format!("/api/nodes/{node}/ack-off"),
+                    Some(&serde_json::json!({ "by": by, "reason": reason })),
+                )?;
+                if code != 202 {
+                    anyhow::bail!(
+                        "the appliance refused the acknowledgement (HTTP {code}): {answer}"
+                    );
+                }
+                println!(
+                    "{node}: sent to the running appliance as off on {by}'s word ({reason}); it records it in the fencing log (`vigil log --node {node}`)"
+                );
+                return Ok(0);
+            }
+            Err(e) => return Err(e.into()),
+        };
         fencing::ack_off(&journal, node, &by, &reason, None)?;
         println!("{node}: recorded as off on {by}'s word ({reason}); a failover may now proceed");
         return Ok(0);

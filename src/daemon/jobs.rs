@@ -37,6 +37,9 @@ use crate::virt::{GuestIdentity, Hypervisor, VmState};
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a repaired node may take from power-on to its first heartbeat.
 pub const RETURN_TIMEOUT: Duration = Duration::from_secs(600);
+/// How many times a failback reads the hardware of the server in the node's place when its BMC
+/// fails in a way worth another try.
+const INVENTORY_TRIES: u32 = 5;
 /// How long a twin is given to shut down gracefully at failback.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -61,6 +64,20 @@ pub struct Env {
     pub placed: Arc<Mutex<Vec<Placed>>>,
     /// Per node, a host its twin died on: the replacement goes elsewhere (cleared on failback).
     pub avoid: Arc<Mutex<HashMap<String, String>>>,
+    /// Pre-created twins and where they wait, by node: (epoch, place). Placement counts them
+    /// like running twins, so paused twins never overcommit a host; a failover that finds no
+    /// room otherwise removes other nodes' paused twins to make it.
+    pub standby: Arc<Mutex<HashMap<String, (u64, Placed)>>>,
+    /// What the monitor says of each failover or backup server, for fencing it (so that its
+    /// twins count stopped): see [`HostJudged`].
+    pub host_judged: Arc<Mutex<HashMap<String, HostJudged>>>,
+    /// Failover and backup servers fenced (confirmed off, or pending) and not seen healthy
+    /// since: they take no twin, whatever their verdict says meanwhile (a host vigil powered
+    /// off reads as "off at vigil's request", not as failed).
+    pub fenced_hosts: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Held while a failover or backup server is fenced (its twins to count stopped): one
+    /// host fence at a time, so two nodes' jobs never fence the same host twice.
+    pub host_fence: Arc<tokio::sync::Mutex<()>>,
     /// Twins' heartbeats.
     pub twins: broadcast::Sender<TwinBeat>,
     /// Physical nodes' heartbeat arrivals (node, at), for failback.
@@ -81,6 +98,18 @@ impl std::fmt::Debug for Env {
             .field("hosts", &self.hypervisors.len())
             .finish()
     }
+}
+
+/// Whether a failover or backup server may be fenced, by its verdict and the policy (the run
+/// loop's judgement, read by the job that needs it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostJudged {
+    /// Failed, in a way that fences (hardware fault, hang, POST failure, isolation past its
+    /// grace) with the appliance acting: why.
+    Failed(String),
+    /// Not failed, or not in a way that fences: why (healthy, dark, isolated within its grace,
+    /// the appliance observing only, ...).
+    NotFailed(String),
 }
 
 /// How a failover job ended short of a running twin.
@@ -125,6 +154,11 @@ impl Env {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let fenced = self
+            .fenced_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         self.cfg
             .hosts
             .iter()
@@ -133,9 +167,37 @@ impl Env {
                 role: h.role,
                 capacity: h.capacity,
                 healthy: self.hypervisors.contains_key(&h.name)
-                    && health.get(&h.name).copied().unwrap_or(true),
+                    && health.get(&h.name).copied().unwrap_or(true)
+                    && !fenced.contains(&h.name),
             })
             .collect()
+    }
+
+    /// What runs, and what waits paused except `node`'s own pre-created twin: what placement
+    /// counts for `node`'s twin ([`placement::choose_with`]).
+    fn occupied(&self, node: &str) -> (Vec<Placed>, Vec<Placed>) {
+        let running = self
+            .placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let waiting = self
+            .standby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(n, _)| n.as_str() != node)
+            .map(|(_, (_, p))| p.clone())
+            .collect();
+        (running, waiting)
+    }
+
+    /// `node`'s pre-created twin of `epoch` waits no more (resumed, or removed).
+    pub fn forget_standby(&self, node: &str, epoch: u64) {
+        let mut s = self.standby.lock().unwrap_or_else(|p| p.into_inner());
+        if s.get(node).is_some_and(|(e, _)| *e == epoch) {
+            s.remove(node);
+        }
     }
 
     fn fence_confirmed_in_log(&self, node: &str) -> bool {
@@ -202,12 +264,13 @@ pub async fn fence_node(
     epoch: Option<u64>,
     verdict: &str,
 ) -> Result<FenceOutcome, fencing::FenceError> {
-    let node = env.cfg.node(node_name);
-    let reflect = node
-        .and_then(|n| env.profiles.get(&n.firmware_profile))
+    // A node, or a failover or backup server fenced so that its twins count stopped.
+    let machine = env.cfg.machine(node_name);
+    let reflect = machine
+        .and_then(|m| env.profiles.get(m.firmware_profile))
         .map(|p| p.timing.power_off_reflect)
         .unwrap_or(Duration::from_secs(10));
-    let policy = node.map(|n| n.policy.clone()).unwrap_or_default();
+    let policy = machine.map(|m| m.policy.clone()).unwrap_or_default();
     let none = crate::bmc::paths::Paths {
         redfish: None,
         ipmi: None,
@@ -247,6 +310,14 @@ pub fn twin_request(node: &NodeConfig, profile: &HardwareProfile) -> Request {
         vcpus,
         memory_bytes,
     }
+}
+
+/// What `node`'s twin asks of a host by its recorded profile, with no BMC read: for counting
+/// the twins a restart finds. None without a readable recorded profile.
+pub fn recorded_request(node: &NodeConfig) -> Option<Request> {
+    let text = std::fs::read_to_string(&node.hardware_profile).ok()?;
+    let profile: HardwareProfile = serde_json::from_str(&text).ok()?;
+    Some(twin_request(node, &profile))
 }
 
 /// The twin of `node` for `epoch` on `host_name`: its hypervisor, its VM spec (with the
@@ -309,6 +380,7 @@ async fn remove_paused(
     hv.destroy(vm)
         .await
         .map_err(|e| JobEnd::Stalled(format!("the paused twin {vm} would not go: {e}")))?;
+    env.forget_standby(node_name, epoch);
     env.log(
         node_name,
         RecordKind::VmStopped,
@@ -329,12 +401,43 @@ pub async fn precreate(env: &Env, node_name: &str, epoch: u64) -> Result<String,
         .ok_or_else(|| format!("{node_name} is not a configured node"))?;
     let profile = load_profile(env, node).await?;
     let req = twin_request(node, &profile);
-    let placed = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let host_name = match placement::choose(&req, &env.host_views(), &placed) {
-        Ok(Decision::Place { host } | Decision::AlreadyPlaced { host }) => host,
-        Err(refusal) => return Err(refusal.to_string()),
+    let views = env.host_views();
+    // Placed and reserved under one lock: two nodes' pre-creations never take the same room.
+    let host_name = {
+        let mut standby = env.standby.lock().unwrap_or_else(|p| p.into_inner());
+        let running = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let waiting: Vec<Placed> = standby
+            .iter()
+            .filter(|(n, _)| n.as_str() != node_name)
+            .map(|(_, (_, p))| p.clone())
+            .collect();
+        match placement::choose_with(&req, &views, &running, &waiting) {
+            Ok(Decision::Place { host }) => {
+                standby.insert(node_name.to_string(), (epoch, Placed::of(&req, &host)));
+                host
+            }
+            Ok(Decision::AlreadyPlaced { host }) => {
+                return Err(format!("{node_name} has a twin running on {host}"));
+            }
+            Err(refusal) => return Err(refusal.to_string()),
+        }
     };
-    let (hv, vm, id) = twin_spec(env, node, &profile, &host_name, epoch).map_err(JobEnd::reason)?;
+    let made = precreate_on(env, node, &profile, &host_name, epoch).await;
+    if made.is_err() {
+        env.forget_standby(node_name, epoch);
+    }
+    made
+}
+
+async fn precreate_on(
+    env: &Env,
+    node: &NodeConfig,
+    profile: &HardwareProfile,
+    host_name: &str,
+    epoch: u64,
+) -> Result<String, String> {
+    let node_name = node.name.as_str();
+    let (hv, vm, id) = twin_spec(env, node, profile, host_name, epoch).map_err(JobEnd::reason)?;
     env.log(
         node_name,
         RecordKind::VmStandby,
@@ -350,7 +453,24 @@ pub async fn precreate(env: &Env, node_name: &str, epoch: u64) -> Result<String,
     )
     .map_err(JobEnd::reason)?;
     match hv.create(&vm, &id, true).await {
-        Ok(VmState::Paused) => Ok(host_name),
+        Ok(VmState::Paused) => {
+            let still = env
+                .standby
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(node_name)
+                .is_some_and(|(e, _)| *e == epoch);
+            if still {
+                return Ok(host_name.to_string());
+            }
+            // Its room went to a failover (or its node's failover began) while it was being
+            // made: it goes, counted nowhere.
+            let why = "its room went to a failover, or its node's failover began, while it was being made";
+            remove_paused(env, node_name, epoch, host_name, hv.as_ref(), &vm.name, why)
+                .await
+                .map_err(JobEnd::reason)?;
+            Err(format!("{} was removed: {why}", vm.name))
+        }
         Ok(other) => {
             let _gone = hv.destroy(&vm.name).await;
             Err(format!(
@@ -391,9 +511,32 @@ async fn check_the_server_in_place(
         .get(node_name)
         .cloned()
         .ok_or("no BMC to read the server in the node's place")?;
-    let now = bmc.inventory(node_name).await.map_err(|e| {
-        format!("the hardware of the server in {node_name}'s place cannot be read ({e}): the workload stays on its twin")
-    })?;
+    // (A BMC answering slowly or busy is tried again: a few seconds are nothing to a failback.)
+    let mut tries = 0;
+    let now = loop {
+        tries += 1;
+        match bmc.inventory(node_name).await {
+            Ok(p) => break p,
+            Err(e) if e.is_transient() && tries < INVENTORY_TRIES => {
+                tracing::warn!(node = %node_name, tries, error = %e, "the server's hardware could not be read; trying again");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => {
+                let why = format!(
+                    "failback of {node_name} refused: the hardware of the server in its place cannot be read ({e}, after {tries} tries), so it cannot be compared with the profile its twin was built from. The twin keeps running"
+                );
+                env.log(
+                    node_name,
+                    RecordKind::Refusal,
+                    Some(epoch),
+                    why.clone(),
+                    json!({ "error": e.to_string() }),
+                )
+                .map_err(JobEnd::reason)?;
+                return Err(why);
+            }
+        }
+    };
     let differences = crate::model::profile::diff(&recorded, &now);
     if differences.is_empty() {
         return Ok(());
@@ -523,10 +666,19 @@ pub async fn failover(
     progress(Step::Placing);
     let profile = load_profile(env, &node).await.map_err(JobEnd::Stalled)?;
 
+    // This node's pre-created twin is this failover's to resume or remove: it is no longer
+    // counted as waiting (nor taken by another failover making room); a resume is placed again.
+    env.standby
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(node_name);
     // Invariant 3: one twin per node. Adopt this epoch's if it runs, unless it runs on the
     // host it was lost on (it stopped heartbeating there: stopped, never adopted); stop any
     // older one.
     let mut adopted: Option<String> = None;
+    // Whether `adopted` is a twin found running (its room is taken already) rather than a
+    // paused one to resume.
+    let mut adopted_running = false;
     // This epoch's pre-created twin (paused, never run), if one waits: (host, vm).
     let mut standby: Option<(String, String)> = None;
     let avoid = env
@@ -536,8 +688,9 @@ pub async fn failover(
         .get(node_name)
         .cloned();
     // Hosts whose hypervisor cannot be read. One where, by the log, a twin of this node may
-    // still run stops the job: nothing is started elsewhere until that twin is confirmed
-    // stopped (its hypervisor answers again). The others take no twin this time.
+    // still run stops the job, unless that host is judged failed and fenced (confirmed off)
+    // now: nothing is started elsewhere until that twin is confirmed stopped. The others take
+    // no twin this time.
     let may_run = {
         let j = env.journal.lock().unwrap_or_else(|p| p.into_inner());
         crate::journal::twin_hosts(j.records(), node_name)
@@ -547,17 +700,11 @@ pub async fn failover(
         let vms = match hv.list_checked().await {
             Ok(vms) => vms,
             Err(e) if may_run.contains(host) => {
-                let why = format!(
-                    "{host}'s hypervisor cannot be read ({e}), and a twin of {node_name} started there is not known to be stopped: no twin is started elsewhere until it is (its hypervisor answering again)"
-                );
-                env.log(
-                    node_name,
-                    RecordKind::Refusal,
-                    Some(epoch),
-                    why.clone(),
-                    json!({ "host": host, "error": e.to_string() }),
-                )?;
-                return Err(JobEnd::Stalled(why));
+                // Its twins count stopped only once the host is fenced: then it takes no twin.
+                stop_by_host_fence(env, &node, epoch, host, &e.to_string(), &mut twin_beats)
+                    .await?;
+                unreadable.push(host.clone());
+                continue;
             }
             Err(e) => {
                 tracing::warn!(node = %node_name, host = %host, error = %e, "a host's hypervisor cannot be read: it takes no twin now");
@@ -600,6 +747,7 @@ pub async fn failover(
             }
             if e == epoch && live && avoid.as_deref() != Some(host.as_str()) {
                 adopted = Some(host.clone());
+                adopted_running = true;
             } else if live || leftover {
                 hv.stop(&vm, STOP_GRACE).await.map_err(|e| {
                     JobEnd::Stalled(format!("a stale twin ({vm}) would not stop: {e}"))
@@ -623,13 +771,13 @@ pub async fn failover(
     if adopted.is_none()
         && let Some((h, vm)) = standby
     {
-        let placed = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let here: Vec<HostView> = env
             .host_views()
             .into_iter()
             .filter(|v| v.name == h)
             .collect();
-        match placement::choose(&req, &here, &placed) {
+        let (running, waiting) = env.occupied(node_name);
+        match placement::choose_with(&req, &here, &running, &waiting) {
             Ok(_) => adopted = Some(h),
             Err(refusal) => {
                 if let Some(hv) = env.hypervisors.get(&h) {
@@ -642,7 +790,6 @@ pub async fn failover(
     let host_name = match adopted {
         Some(h) => h,
         None => {
-            let placed = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let mut views = env.host_views();
             for v in views.iter_mut().filter(|v| unreadable.contains(&v.name)) {
                 v.healthy = false;
@@ -658,7 +805,20 @@ pub async fn failover(
                     v.healthy = false;
                 }
             }
-            match placement::choose(&req, &views, &placed) {
+            let (running, waiting) = env.occupied(node_name);
+            let choice = match placement::choose_with(&req, &views, &running, &waiting) {
+                Ok(d) => Ok(d),
+                // Other nodes' paused twins give way to a failed node's: placed by what runs,
+                // then room is made on that host.
+                Err(_) => match placement::choose(&req, &views, &running) {
+                    Ok(Decision::Place { host }) => {
+                        make_room(env, node_name, &req, &views, &host).await?;
+                        Ok(Decision::Place { host })
+                    }
+                    other => other,
+                },
+            };
+            match choice {
                 Ok(Decision::Place { host } | Decision::AlreadyPlaced { host }) => host,
                 Err(refusal) => {
                     env.log(
@@ -673,16 +833,41 @@ pub async fn failover(
             }
         }
     };
-    {
+    // Checked again and taken in one step (paused twins, then what runs, locked in that order
+    // as pre-creation does): two failovers placed at once never overcommit a host.
+    let here: Vec<HostView> = env
+        .host_views()
+        .into_iter()
+        .filter(|v| v.name == host_name)
+        .collect();
+    let reserved = {
+        let standby = env.standby.lock().unwrap_or_else(|p| p.into_inner());
         let mut placed = env.placed.lock().unwrap_or_else(|p| p.into_inner());
         placed.retain(|p| p.node != node_name);
-        placed.push(Placed {
-            node: node_name.into(),
-            host: host_name.clone(),
-            group: req.group.clone(),
-            vcpus: req.vcpus,
-            memory_bytes: req.memory_bytes,
-        });
+        let waiting: Vec<Placed> = standby
+            .iter()
+            .filter(|(n, _)| n.as_str() != node_name)
+            .map(|(_, (_, p))| p.clone())
+            .collect();
+        let fits =
+            adopted_running || placement::choose_with(&req, &here, &placed, &waiting).is_ok();
+        if fits {
+            placed.push(Placed::of(&req, &host_name));
+        }
+        fits
+    };
+    if !reserved {
+        let why = format!(
+            "{host_name}'s room for {node_name}'s twin was taken by another twin meanwhile: placed again at the next try"
+        );
+        env.log(
+            node_name,
+            RecordKind::Refusal,
+            Some(epoch),
+            why.clone(),
+            json!({ "host": host_name }),
+        )?;
+        return Err(JobEnd::Stalled(why));
     }
     env.log(
         node_name,
@@ -823,6 +1008,237 @@ pub async fn failover(
             }
         }
     }
+}
+
+/// Makes room on `host` for `node`'s twin by removing other nodes' pre-created twins there,
+/// the largest first, until placement accepts it (each removal logged under its own node, whose
+/// pre-created twin is made again where there is room). Only a twin that reads back paused is
+/// removed: never one that runs, nor one still being made. Not enough room after that: stalled
+/// (retried by the state machine).
+async fn make_room(
+    env: &Env,
+    node: &str,
+    req: &Request,
+    views: &[HostView],
+    host: &str,
+) -> Result<(), JobEnd> {
+    let here: Vec<HostView> = views.iter().filter(|v| v.name == host).cloned().collect();
+    let hv = env
+        .hypervisors
+        .get(host)
+        .ok_or_else(|| JobEnd::Stalled(format!("no driver for {host}")))?;
+    let mut passed: std::collections::HashSet<String> = std::collections::HashSet::new();
+    loop {
+        let (running, waiting) = env.occupied(node);
+        if placement::choose_with(req, &here, &running, &waiting).is_ok() {
+            return Ok(());
+        }
+        let victim = waiting
+            .iter()
+            .filter(|p| {
+                p.host == host
+                    && !passed.contains(&p.node)
+                    && !running.iter().any(|r| r.node == p.node)
+            })
+            .max_by_key(|p| (p.vcpus, p.memory_bytes, p.node.clone()))
+            .and_then(|p| {
+                let e = env
+                    .standby
+                    .lock()
+                    .unwrap_or_else(|x| x.into_inner())
+                    .get(&p.node)?
+                    .0;
+                Some((p.node.clone(), e))
+            });
+        let Some((other, e)) = victim else {
+            return Err(JobEnd::Stalled(format!(
+                "no room on {host} for {node}'s twin, even without the paused twins that could give way"
+            )));
+        };
+        passed.insert(other.clone());
+        let vm = vm_name(&other, e);
+        if hv.status(&vm).await != VmState::Paused {
+            // Still being made, or gone: not removed from under its job.
+            continue;
+        }
+        let why = format!("{node}'s failover needs its room on {host}");
+        remove_paused(env, &other, e, host, hv.as_ref(), &vm, &why).await?;
+    }
+}
+
+/// A twin of `node` may still run on `host` (by the log), and `host`'s hypervisor cannot be read
+/// (`error`): the twin counts stopped only once `host` itself is confirmed off. `host` is fenced
+/// through its BMC when, and only when, the evidence says it failed: the run loop judges it
+/// failed in a way that fences ([`HostJudged::Failed`]: a hardware fault, a hang, a POST
+/// failure, an isolation past its grace, with the appliance acting), and no twin that may run
+/// there (of any node) heartbeats for one heartbeat timeout; both are read again once the host
+/// fence lock is held. Otherwise nothing is fenced and nothing started: a logged refusal, tried
+/// again by the state machine. A host whose fence is pending is not fenced again: an operator
+/// confirms it off. None is fenced twice: not a host the log shows fenced since the twin
+/// started (another node's job, or this one before a crash, did it). On success each of
+/// `node`'s twins there is logged stopped, by the host's fence.
+async fn stop_by_host_fence(
+    env: &Env,
+    node: &NodeConfig,
+    epoch: u64,
+    host: &str,
+    error: &str,
+    beats: &mut broadcast::Receiver<TwinBeat>,
+) -> Result<(), JobEnd> {
+    let node_name = node.name.as_str();
+    let prefix = format!(
+        "{host}'s hypervisor cannot be read ({error}), and a twin of {node_name} started there is not known to be stopped"
+    );
+    let ack = format!("`vigil fence {host} --ack-off --reason ...`");
+    let refuse = |why: String| -> JobEnd {
+        let why = format!("{prefix}; {why}");
+        match env.log(
+            node_name,
+            RecordKind::Refusal,
+            Some(epoch),
+            why.clone(),
+            json!({ "host": host, "error": error }),
+        ) {
+            Ok(()) => JobEnd::Stalled(why),
+            Err(e) => e,
+        }
+    };
+    let pending = {
+        let j = env.journal.lock().unwrap_or_else(|p| p.into_inner());
+        fencing::state_of(j.records(), host).pending
+    };
+    if pending {
+        return Err(refuse(format!(
+            "{host}'s fence is pending (not confirmed off): no twin is started elsewhere until an operator confirms it off ({ack})"
+        )));
+    }
+    let judged = || {
+        env.host_judged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .cloned()
+            .unwrap_or_else(|| HostJudged::NotFailed("not judged yet".into()))
+    };
+    let failed = match judged() {
+        HostJudged::Failed(why) => why,
+        HostJudged::NotFailed(why) => {
+            return Err(refuse(format!(
+                "{host} itself is not judged failed ({why}), so it is not fenced: no twin is started elsewhere until that twin is confirmed stopped (its hypervisor answering again, or {host} confirmed off: {ack})"
+            )));
+        }
+    };
+    // Every node whose twin may run there: one still heartbeating runs, whatever its host's
+    // hypervisor says, and its host is not fenced under it.
+    let there_nodes: std::collections::HashSet<String> = {
+        let j = env.journal.lock().unwrap_or_else(|p| p.into_inner());
+        env.cfg
+            .nodes
+            .iter()
+            .filter(|n| {
+                crate::journal::twins_may_run(j.records(), &n.name)
+                    .values()
+                    .any(|h| h == host)
+            })
+            .map(|n| n.name.clone())
+            .collect()
+    };
+    let beating = |b: &TwinBeat| {
+        format!(
+            "{host} is judged failed ({failed}), but {}'s twin there still heartbeats (epoch {}): {host} is not fenced under a running twin, and no other twin is started",
+            b.node, b.epoch
+        )
+    };
+    let silent_until = tokio::time::Instant::now() + node.policy.heartbeat_timeout();
+    loop {
+        match tokio::time::timeout_at(silent_until, beats.recv()).await {
+            Ok(Ok(b)) if there_nodes.contains(&b.node) => return Err(refuse(beating(&b))),
+            Ok(Ok(_)) => continue,
+            Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                return Err(refuse(format!(
+                    "{n} twin heartbeats were missed while listening for silence: {host} is not fenced on that"
+                )));
+            }
+            Ok(Err(broadcast::error::RecvError::Closed)) => {
+                return Err(refuse("the appliance is stopping".into()));
+            }
+            Err(_) => break,
+        }
+    }
+    let _one_at_a_time = env.host_fence.lock().await;
+    let there: Vec<String> = {
+        let j = env.journal.lock().unwrap_or_else(|p| p.into_inner());
+        crate::journal::twins_may_run(j.records(), node_name)
+            .into_iter()
+            .filter(|(_, h)| h == host)
+            .map(|(vm, _)| vm)
+            .collect()
+    };
+    if there.is_empty() {
+        // Fenced meanwhile (by another node's job), or acknowledged off by an operator.
+        return Ok(());
+    }
+    // The evidence again, now that the lock is held (another host's fence may have taken long).
+    let failed = match judged() {
+        HostJudged::Failed(why) => why,
+        HostJudged::NotFailed(why) => {
+            return Err(refuse(format!(
+                "{host} is no longer judged failed ({why}): it is not fenced"
+            )));
+        }
+    };
+    loop {
+        match beats.try_recv() {
+            Ok(b) if there_nodes.contains(&b.node) => return Err(refuse(beating(&b))),
+            Ok(_) => continue,
+            Err(broadcast::error::TryRecvError::Empty) => break,
+            Err(_) => {
+                return Err(refuse(
+                    "twin heartbeats could not be read to the end: it is not fenced".into(),
+                ));
+            }
+        }
+    }
+    let why = format!(
+        "{host} is judged failed ({failed}) and its hypervisor cannot be read ({error}); {} of {node_name} started there and not known stopped: {host} is fenced so that nothing it ran runs on",
+        there.join(", ")
+    );
+    tracing::error!(node = %node_name, host = %host, twins = ?there, "fencing a failed host so its twins count stopped");
+    let outcome = fence_node(env, host, None, &why).await;
+    if matches!(
+        outcome,
+        Ok(FenceOutcome::Confirmed { .. } | FenceOutcome::Pending { .. })
+    ) {
+        env.fenced_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.to_string());
+    }
+    match outcome {
+        Ok(FenceOutcome::Confirmed { .. }) => {}
+        Ok(FenceOutcome::Pending { .. }) => {
+            return Err(refuse(format!(
+                "{host}'s fence is pending (not confirmed off): no twin is started elsewhere until it is, or until an operator confirms it off ({ack})"
+            )));
+        }
+        Err(e) => {
+            return Err(refuse(format!(
+                "{host}'s fence failed ({e}): no twin is started elsewhere"
+            )));
+        }
+    }
+    // Whatever the fenced host's twins sent before it went off is not the replacement's.
+    *beats = beats.resubscribe();
+    for vm in there {
+        env.log(
+            node_name,
+            RecordKind::VmStopped,
+            twin_epoch(&vm, node_name),
+            format!("{vm} on {host} counts stopped: {host} was fenced, confirmed off"),
+            json!({ "vm": vm, "host": host, "by_host_fence": true }),
+        )?;
+    }
+    Ok(())
 }
 
 /// Fails `node` back from its twin of `epoch`: stop the twin, confirm, power the node on, wait

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::{self, Config, HypervisorDriver, Mode};
-use crate::daemon::jobs::{self, Env, JobEnd};
+use crate::daemon::jobs::{self, Env, HostJudged, JobEnd};
 use crate::diagnosis::{Diagnosis, Kind, Observation};
 use crate::journal::{Journal, Record, RecordKind};
 use crate::model::Millis;
@@ -106,6 +106,8 @@ pub struct HostStatus {
     pub capacity: config::Capacity,
     /// Twins on it.
     pub twins: Vec<crate::placement::Placed>,
+    /// Pre-created twins waiting on it, paused (counted against its capacity too).
+    pub standby: Vec<crate::placement::Placed>,
     /// Healthy.
     pub healthy: bool,
 }
@@ -170,6 +172,8 @@ enum JobResult {
     /// A pre-created twin read back: (node, epoch, what was read where it is not paused; empty
     /// when it waits as it should).
     StandbyCheck(String, u64, String),
+    /// A refence (a node powered on beside its twin) ended.
+    Refenced(String, Result<(), String>),
 }
 
 /// How often each pre-created twin is read back from its hypervisor.
@@ -235,6 +239,34 @@ type Recovered = (
     Vec<String>,
     BTreeMap<String, (u64, String)>,
 );
+
+/// Whether a failover or backup server may be fenced (so that its twins count stopped), by its
+/// verdict `d`, the policy, and how long it has been judged isolated (`isolated_for`, ms): as a
+/// node would be fenced by default (an isolation only past its grace, a hang only when the
+/// policy acts on hangs, nothing in observe mode; dark, BMC lost and appliance-isolated never).
+fn judge_host(d: &Diagnosis, policy: &config::Policy, isolated_for: Millis) -> HostJudged {
+    let name = d.kind.name();
+    if !d.kind.fences() {
+        return HostJudged::NotFailed(format!("judged {name}"));
+    }
+    if policy.mode != Mode::Act {
+        return HostJudged::NotFailed(format!("judged {name}, but the appliance only observes"));
+    }
+    let grace = policy.isolation_grace.as_millis() as Millis;
+    if d.kind == Kind::Isolated && isolated_for < grace {
+        return HostJudged::NotFailed(format!(
+            "judged isolated for {} s, within its grace of {} s",
+            isolated_for / 1000,
+            grace / 1000
+        ));
+    }
+    if d.kind == Kind::SoftwareHang && policy.on_software_hang == config::HangAction::Alert {
+        return HostJudged::NotFailed(format!(
+            "judged {name}, and the policy only alerts on a hang"
+        ));
+    }
+    HostJudged::Failed(format!("judged {name}: {}", d.why))
+}
 
 async fn recover(
     cfg: &Config,
@@ -490,11 +522,18 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     // Pre-created twins found at start wait for their nodes' failovers; with pre-creation off
     // in this configuration, they are removed (they never ran).
     let mut unwanted_standby = Vec::new();
+    let mut kept_standby = HashMap::new();
     for (n, (e, host)) in standby {
-        if cfg.policy.precreate_twins {
-            rack.standby.insert(n, e);
-        } else {
-            unwanted_standby.push((n, e, host));
+        // Counted by placement like the twins that run, by the node's recorded profile (one
+        // without a readable profile is removed: it could not be counted).
+        let req = cfg.node(&n).and_then(jobs::recorded_request);
+        match (cfg.policy.precreate_twins, req) {
+            (true, Some(req)) => {
+                rack.standby.insert(n.clone(), e);
+                kept_standby.insert(n, (e, crate::placement::Placed::of(&req, &host)));
+            }
+            (false, _) => unwanted_standby.push((n, e, host, "pre-creation is off in this configuration")),
+            (true, None) => unwanted_standby.push((n, e, host, "the node's recorded hardware profile cannot be read, so its size cannot be counted")),
         }
     }
     let mut policy = cfg.policy.clone();
@@ -511,8 +550,38 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         paths: src.paths.clone(),
         hypervisors: hvs,
         host_health: Arc::new(Mutex::new(HashMap::new())),
-        placed: Arc::new(Mutex::new(Vec::new())),
+        // The twins the log says may run, where they run, whatever their node's phase (one
+        // being failed back runs until it is stopped): counted by placement from the start.
+        placed: Arc::new(Mutex::new(
+            cfg.nodes
+                .iter()
+                .filter_map(|n| {
+                    let host = crate::journal::twins_may_run(&records, &n.name)
+                        .into_iter()
+                        .max_by_key(|(vm, _)| {
+                            vm.rsplit_once("-e")
+                                .and_then(|(_, e)| e.parse::<u64>().ok())
+                        })?
+                        .1;
+                    jobs::recorded_request(n).map(|req| crate::placement::Placed::of(&req, &host))
+                })
+                .collect(),
+        )),
+        standby: Arc::new(Mutex::new(kept_standby)),
+        host_judged: Arc::new(Mutex::new(HashMap::new())),
+        // A host the log shows fenced (off or pending) takes no twin until seen healthy again.
+        fenced_hosts: Arc::new(Mutex::new(
+            cfg.hosts
+                .iter()
+                .filter(|h| {
+                    let f = crate::fencing::state_of(&records, &h.name);
+                    f.off || f.pending
+                })
+                .map(|h| h.name.clone())
+                .collect(),
+        )),
         avoid: Arc::new(Mutex::new(HashMap::new())),
+        host_fence: Arc::new(tokio::sync::Mutex::new(())),
         twins: src.twins.clone(),
         returns: returns.clone(),
         clock,
@@ -547,17 +616,10 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
 
     let (jtx, mut jrx) = mpsc::unbounded_channel::<JobResult>();
     let mut jobs: JoinSet<()> = JoinSet::new();
-    for (n, e, host) in unwanted_standby {
+    for (n, e, host, why) in unwanted_standby {
         let (env, jtx) = (env.clone(), jtx.clone());
         jobs.spawn(async move {
-            let r = jobs::remove_standby(
-                &env,
-                &n,
-                e,
-                &host,
-                "pre-creation is off in this configuration",
-            )
-            .await;
+            let r = jobs::remove_standby(&env, &n, e, &host, why).await;
             let _ = jtx.send(JobResult::Other(n, r));
         });
     }
@@ -590,6 +652,10 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let mut standby_retry: HashMap<String, Millis> = HashMap::new();
     let mut last_standby_check: Millis = 0;
     let mut standby_checks: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // Nodes being fenced again (powered on beside their twin): one refence at a time.
+    let mut refencing: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // Since when each failover or backup server has been judged isolated (its grace).
+    let mut host_isolated_since: HashMap<String, Millis> = HashMap::new();
     // Nodes whose next failback moves to a replacement server, accepted by an operator.
     let mut accept_profile: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -661,6 +727,11 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         (n, Input::FailbackDone)
                     }
                     JobResult::Failback(n, Err(reason)) => (n, Input::FailbackFailed { reason }),
+                    JobResult::Refenced(n, r) => {
+                        refencing.remove(&n);
+                        if let Err(e) = r { tracing::error!(node = %n, error = %e, "the refence failed: tried again while the node reads on"); }
+                        continue;
+                    }
                     JobResult::Other(n, r) => {
                         if let Err(e) = r { tracing::error!(node = %n, error = %e, "job failed"); }
                         continue;
@@ -695,7 +766,15 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     }
                     JobResult::StandbyCheck(n, epoch, read) => {
                         standby_checks.remove(&n);
+                        let counted = env.standby.lock().unwrap_or_else(|p| p.into_inner()).get(&n).is_some_and(|(e, _)| *e == epoch);
+                        if rack.standby.get(&n) == Some(&epoch) && !counted {
+                            // Removed to make room for another node's failover (logged
+                            // then): a new one is made where there is room.
+                            rack.standby.remove(&n);
+                            continue;
+                        }
                         if !read.is_empty() && rack.standby.get(&n) == Some(&epoch) {
+                            env.forget_standby(&n, epoch);
                             // Its host lost power, or its QEMU died: a failover would start
                             // cold. Dropped, and a new one made (what is left of it is cleared
                             // by the node's next failover).
@@ -928,6 +1007,34 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
             tracing::error!(error = %e, "the fencing log cannot be written: no action will be taken until it can");
         }
         {
+            let mut judged = env.host_judged.lock().unwrap_or_else(|p| p.into_inner());
+            let mut fenced = env.fenced_hosts.lock().unwrap_or_else(|p| p.into_inner());
+            for h in &cfg.hosts {
+                let d = mon.current(&h.name);
+                if d.is_none_or(|d| d.kind != Kind::Isolated) {
+                    host_isolated_since.remove(&h.name);
+                }
+                if d.is_some_and(|d| d.kind == Kind::Healthy) {
+                    // Back in service after a fence (its OS heartbeats again).
+                    fenced.remove(&h.name);
+                }
+                let j = match d {
+                    None => HostJudged::NotFailed("not judged yet".into()),
+                    Some(d) => {
+                        let isolated_for = if d.kind == Kind::Isolated {
+                            now.saturating_sub(
+                                *host_isolated_since.entry(h.name.clone()).or_insert(now),
+                            )
+                        } else {
+                            0
+                        };
+                        judge_host(d, &policy, isolated_for)
+                    }
+                };
+                judged.insert(h.name.clone(), j);
+            }
+        }
+        {
             let mut health = env.host_health.lock().unwrap_or_else(|p| p.into_inner());
             for h in &cfg.hosts {
                 let ok = mon.current(&h.name).is_none_or(|d| {
@@ -1013,6 +1120,10 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     });
                 }
                 Action::Refence { node, epoch } => {
+                    // One refence in flight per node (a fence takes its time on a slow BMC).
+                    if !refencing.insert(node.clone()) {
+                        continue;
+                    }
                     tracing::error!(node = %node, epoch, "the physical node is on while its twin runs: fencing it again");
                     append(
                         &journal,
@@ -1029,7 +1140,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                             .await
                             .map(drop)
                             .map_err(|e| e.to_string());
-                        let _ = jtx.send(JobResult::Other(node, r));
+                        let _ = jtx.send(JobResult::Refenced(node, r));
                     });
                 }
                 Action::PowerCycle { node } => {
@@ -1121,8 +1232,20 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
             }
         };
         let placed = env.placed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let waiting: Vec<crate::placement::Placed> = env
+            .standby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|(_, p)| p.clone())
+            .collect();
         let health = env
             .host_health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let fenced = env
+            .fenced_hosts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
@@ -1138,8 +1261,14 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     .filter(|p| p.host == h.name)
                     .cloned()
                     .collect(),
+                standby: waiting
+                    .iter()
+                    .filter(|p| p.host == h.name)
+                    .cloned()
+                    .collect(),
                 healthy: health.get(&h.name).copied().unwrap_or(true)
-                    && env.hypervisors.contains_key(&h.name),
+                    && env.hypervisors.contains_key(&h.name)
+                    && !fenced.contains(&h.name),
             })
             .collect();
         let whole = status_full || status_built.is_none_or(|t| t.elapsed() >= STATUS_EVERY);

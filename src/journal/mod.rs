@@ -426,14 +426,27 @@ impl Journal {
     }
 }
 
-/// The hosts where a twin of `node` may still run according to the log: each twin started
-/// there (`vm-start`, with its VM and host) and not since recorded stopped (`vm-stopped` of that
-/// VM, or a `failover-failed` that says it was stopped or never started).
+/// The hosts where a twin of `node` may still run according to the log (see [`twins_may_run`]).
 pub fn twin_hosts(records: &[Record], node: &str) -> std::collections::BTreeSet<String> {
+    twins_may_run(records, node).into_values().collect()
+}
+
+/// The twins of `node` that may still run according to the log, VM to host: each twin started
+/// (`vm-start`, with its VM and host) and not since recorded stopped: a `vm-stopped` of that VM,
+/// a `failover-failed` that says it was stopped or never started, or its host's own fence
+/// confirmed (or acknowledged off) after it started. A host that is off runs no VM.
+pub fn twins_may_run(records: &[Record], node: &str) -> std::collections::BTreeMap<String, String> {
     let mut live: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
-    for r in records.iter().filter(|r| r.node.as_deref() == Some(node)) {
+    for r in records {
         let vm = r.detail["vm"].as_str().map(String::from);
         match r.kind {
+            // The host's fence: its node field names the host.
+            RecordKind::FenceConfirmed | RecordKind::AckOff => {
+                if let Some(host) = r.node.as_deref() {
+                    live.retain(|_, h| h != host);
+                }
+            }
+            _ if r.node.as_deref() != Some(node) => {}
             RecordKind::VmStart => {
                 if let (Some(vm), Some(host)) = (vm, r.detail["host"].as_str()) {
                     live.insert(vm, host.to_string());
@@ -452,7 +465,7 @@ pub fn twin_hosts(records: &[Record], node: &str) -> std::collections::BTreeSet<
             _ => {}
         }
     }
-    live.into_values().collect()
+    live
 }
 
 /// Whether `node`'s virtual twin is running according to the log: started and not stopped since.
@@ -508,6 +521,58 @@ mod tests {
         // e2 could not be confirmed stopped on backup1; e1 and e3 are gone.
         assert_eq!(hosts, vec!["backup1"]);
         assert!(twin_hosts(j.records(), "web1").is_empty());
+    }
+
+    #[test]
+    fn a_host_fenced_after_a_twin_started_runs_it_no_more_but_one_started_after_may_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        fn add(j: &mut Journal, node: &str, kind: RecordKind, detail: serde_json::Value) {
+            j.append(Some(node), kind, Some(1), "x", detail).unwrap();
+        }
+        add(
+            &mut j,
+            "db1",
+            RecordKind::VmStart,
+            json!({ "vm": "vigil-db1-e1", "host": "failover1" }),
+        );
+        add(
+            &mut j,
+            "web1",
+            RecordKind::VmStart,
+            json!({ "vm": "vigil-web1-e2", "host": "backup1" }),
+        );
+        // failover1's fence begun is not enough: only confirmed (or acknowledged) off.
+        add(&mut j, "failover1", RecordKind::FenceBegin, json!(null));
+        assert_eq!(
+            twins_may_run(j.records(), "db1").get("vigil-db1-e1"),
+            Some(&"failover1".to_string())
+        );
+        add(&mut j, "failover1", RecordKind::FenceConfirmed, json!(null));
+        assert!(twin_hosts(j.records(), "db1").is_empty());
+        // Another host's twin is untouched by it.
+        assert_eq!(
+            twin_hosts(j.records(), "web1")
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec!["backup1"]
+        );
+        // A twin started on failover1 after its fence (back in service) may run again, until
+        // failover1's next fence (here an operator's ack-off).
+        add(
+            &mut j,
+            "db1",
+            RecordKind::VmStart,
+            json!({ "vm": "vigil-db1-e3", "host": "failover1" }),
+        );
+        assert_eq!(
+            twin_hosts(j.records(), "db1")
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec!["failover1"]
+        );
+        add(&mut j, "failover1", RecordKind::AckOff, json!(null));
+        assert!(twin_hosts(j.records(), "db1").is_empty());
     }
 
     #[test]

@@ -48,6 +48,19 @@ pub struct Placed {
     pub memory_bytes: u64,
 }
 
+impl Placed {
+    /// `req`'s twin on `host`.
+    pub fn of(req: &Request, host: &str) -> Placed {
+        Placed {
+            node: req.node.clone(),
+            host: host.to_string(),
+            group: req.group.clone(),
+            vcpus: req.vcpus,
+            memory_bytes: req.memory_bytes,
+        }
+    }
+}
+
 /// A twin to place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Request {
@@ -94,9 +107,9 @@ struct Used {
     slots: u32,
 }
 
-fn used(host: &str, placed: &[Placed]) -> Used {
+fn used<'a>(host: &str, placed: impl IntoIterator<Item = &'a Placed>) -> Used {
     placed
-        .iter()
+        .into_iter()
         .filter(|p| p.host == host)
         .fold(Used::default(), |u, p| Used {
             vcpus: u.vcpus + p.vcpus,
@@ -114,11 +127,25 @@ fn load(c: &Capacity, u: Used) -> f64 {
 
 /// Where `req` goes, given the hosts and what already runs where.
 pub fn choose(req: &Request, hosts: &[HostView], placed: &[Placed]) -> Result<Decision, Refusal> {
+    choose_with(req, hosts, placed, &[])
+}
+
+/// Where `req` goes, given what runs where (`placed`) and the pre-created twins that wait,
+/// paused (`waiting`). A paused twin takes its host's capacity (vCPUs, memory, a slot) but runs
+/// no workload: it does not hold the host for its isolation group (its resume is placed again,
+/// against what runs then).
+pub fn choose_with(
+    req: &Request,
+    hosts: &[HostView],
+    placed: &[Placed],
+    waiting: &[Placed],
+) -> Result<Decision, Refusal> {
     if let Some(p) = placed.iter().find(|p| p.node == req.node) {
         return Ok(Decision::AlreadyPlaced {
             host: p.host.clone(),
         });
     }
+    let waiting: Vec<&Placed> = waiting.iter().filter(|p| p.node != req.node).collect();
     let mut reasons = Vec::new();
     // (tier, load after, name): lower is better.
     let mut candidates: Vec<(u8, f64, &str)> = Vec::new();
@@ -141,6 +168,12 @@ pub fn choose(req: &Request, hosts: &[HostView], placed: &[Placed]) -> Result<De
             continue;
         }
         let u = used(&h.name, placed);
+        let w = used(&h.name, waiting.iter().copied());
+        let u = Used {
+            vcpus: u.vcpus + w.vcpus,
+            memory: u.memory + w.memory,
+            slots: u.slots + w.slots,
+        };
         let after = Used {
             vcpus: u.vcpus + req.vcpus,
             memory: u.memory + req.memory_bytes,
@@ -384,7 +417,56 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_paused_twin_takes_room_but_holds_no_isolation_group() {
+        let hosts = [host("fo", HostRole::Failover, 4, 16, 2)];
+        // db1's paused twin waits on fo: web1 (another group) may wait or run there too...
+        let waiting = vec![place(&req("db1", "db", 2, 2), "fo")];
+        assert_eq!(
+            choose_with(&req("web1", "web", 2, 2), &hosts, &[], &waiting),
+            Ok(Decision::Place { host: "fo".into() })
+        );
+        // ...but not past fo's room: vCPUs, then slots, count the paused twin.
+        let e = choose_with(&req("web1", "web", 3, 2), &hosts, &[], &waiting).unwrap_err();
+        assert!(e.to_string().contains("2 of 4 vCPUs free, 3 needed"), "{e}");
+        let waiting = vec![
+            place(&req("db1", "db", 1, 1), "fo"),
+            place(&req("db2", "db", 1, 1), "fo"),
+        ];
+        let e = choose_with(&req("web1", "web", 1, 1), &hosts, &[], &waiting).unwrap_err();
+        assert!(e.to_string().contains("all 2 slots taken"), "{e}");
+        // A node's own paused twin is not counted against it.
+        assert_eq!(
+            choose_with(&req("db1", "db", 1, 1), &hosts, &[], &waiting),
+            Ok(Decision::Place { host: "fo".into() })
+        );
+        // What runs holds its group, as always.
+        let running = vec![place(&req("db1", "db", 1, 1), "fo")];
+        assert!(choose_with(&req("web1", "web", 1, 1), &hosts, &running, &[]).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn paused_twins_placed_in_turn_never_overcommit_a_host(
+            reqs in proptest::collection::vec((0usize..12, 0usize..3, 1u32..6, 1u64..6), 1..40),
+        ) {
+            let hosts = vec![host("fo", HostRole::Failover, 12, 16, 4), host("bk", HostRole::Backup, 8, 12, 3)];
+            let mut waiting: Vec<Placed> = Vec::new();
+            for (n, g, v, m) in reqs {
+                let r = req(&format!("n{n}"), &format!("g{g}"), v, m);
+                if waiting.iter().any(|p| p.node == r.node) {
+                    continue;
+                }
+                if let Ok(Decision::Place { host }) = choose_with(&r, &hosts, &[], &waiting) {
+                    waiting.push(place(&r, &host));
+                }
+            }
+            for h in &hosts {
+                let u = used(&h.name, &waiting);
+                prop_assert!(u.vcpus <= h.capacity.vcpus && u.memory <= h.capacity.memory_bytes && u.slots <= h.capacity.slots);
+            }
+        }
+
         #[test]
         fn no_host_is_ever_over_capacity_and_no_node_gets_two_twins(
             reqs in proptest::collection::vec((0usize..12, 0usize..3, 1u32..6, 1u64..6), 1..40),

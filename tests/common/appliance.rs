@@ -246,7 +246,14 @@ pub fn stop_twins(lab: &Lab) {
             .filter_map(Result::ok)
         {
             if let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) {
-                let _ = Command::new("kill").arg(pid.trim()).status();
+                // (A QEMU the lab froze, its host hung, acts on the TERM once let go; a pid file
+                // whose QEMU is gone answers "no such process", said nowhere.)
+                for sig in ["-TERM", "-CONT"] {
+                    let _ = Command::new("kill")
+                        .args([sig, pid.trim()])
+                        .stderr(std::process::Stdio::null())
+                        .status();
+                }
             }
         }
     }
