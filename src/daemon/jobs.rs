@@ -68,6 +68,9 @@ pub struct Env {
     /// like running twins, so paused twins never overcommit a host; a failover that finds no
     /// room otherwise removes other nodes' paused twins to make it.
     pub standby: Arc<Mutex<HashMap<String, (u64, Placed)>>>,
+    /// Paused twins a job is resuming or removing right now (one job each: a failover making
+    /// room never removes the twin its own node's failover is resuming).
+    pub claims: Arc<Mutex<std::collections::HashSet<String>>>,
     /// What the monitor says of each failover or backup server, for fencing it (so that its
     /// twins count stopped): see [`HostJudged`].
     pub host_judged: Arc<Mutex<HashMap<String, HostJudged>>>,
@@ -176,11 +179,13 @@ impl Env {
     /// What runs, and what waits paused except `node`'s own pre-created twin: what placement
     /// counts for `node`'s twin ([`placement::choose_with`]).
     fn occupied(&self, node: &str) -> (Vec<Placed>, Vec<Placed>) {
-        let running = self
+        // (`node`'s own entry is what this placement replaces.)
+        let mut running = self
             .placed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        running.retain(|p| p.node != node);
         let waiting = self
             .standby
             .lock()
@@ -190,6 +195,22 @@ impl Env {
             .map(|(_, (_, p))| p.clone())
             .collect();
         (running, waiting)
+    }
+
+    /// Claims a paused twin for a resume or a removal: false if another job holds it.
+    fn claim(&self, vm: &str) -> bool {
+        self.claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm.to_string())
+    }
+
+    /// Lets a claimed paused twin go.
+    fn unclaim(&self, vm: &str) {
+        self.claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vm);
     }
 
     /// `node`'s pre-created twin of `epoch` waits no more (resumed, or removed).
@@ -666,8 +687,10 @@ pub async fn failover(
     progress(Step::Placing);
     let profile = load_profile(env, &node).await.map_err(JobEnd::Stalled)?;
 
+    // The paused twins this job claims, let go whichever way it ends.
+    let mut held = Held(env, Vec::new());
     // This node's pre-created twin is this failover's to resume or remove: it is no longer
-    // counted as waiting (nor taken by another failover making room); a resume is placed again.
+    // counted as waiting (nor chosen by another failover making room); a resume is placed again.
     env.standby
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -717,6 +740,12 @@ pub async fn failover(
                 continue;
             };
             if state == VmState::Paused {
+                if !env.claim(&vm) {
+                    // Another failover is removing it to make room: neither resumed nor
+                    // removed here.
+                    continue;
+                }
+                held.1.push(vm.clone());
                 if e == epoch && avoid.as_deref() != Some(host.as_str()) {
                     standby = Some((host.clone(), vm));
                 } else {
@@ -741,8 +770,16 @@ pub async fn failover(
             // too, whatever its epoch: a replacement never starts beside what is left of it.
             let leftover = matches!(state, VmState::Other(_));
             if state == VmState::Stopped {
-                // A dead twin (its process gone): clear it away, it runs nothing.
+                // A dead twin (its process gone): clear it away, it runs nothing; the log says
+                // so, or a restart would count it as running still.
                 let _ = hv.destroy(&vm).await;
+                env.log(
+                    node_name,
+                    RecordKind::VmStopped,
+                    Some(e),
+                    format!("{vm} on {host} had stopped by itself: cleared away"),
+                    json!({ "vm": vm, "host": host }),
+                )?;
                 continue;
             }
             if e == epoch && live && avoid.as_deref() != Some(host.as_str()) {
@@ -856,6 +893,8 @@ pub async fn failover(
         }
         fits
     };
+    // Until the twin is created or resumed, a job that ends here gives the room back.
+    let mut room = Room(env, node_name, !adopted_running);
     if !reserved {
         let why = format!(
             "{host_name}'s room for {node_name}'s twin was taken by another twin meanwhile: placed again at the next try"
@@ -944,6 +983,7 @@ pub async fn failover(
             }
         }
     }
+    room.2 = false;
     let state = hv.status(&vm.name).await;
     // What the hypervisor gave up beyond the fidelity report already logged with vm-start.
     let adjusted = hv.adjustments(&vm.name);
@@ -1010,6 +1050,33 @@ pub async fn failover(
     }
 }
 
+/// A node's place reserved by a failover that has not yet created or resumed its twin: given back
+/// if the job ends before (armed).
+struct Room<'a>(&'a Env, &'a str, bool);
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        if self.2 {
+            self.0
+                .placed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|p| p.node != self.1);
+        }
+    }
+}
+
+/// Paused twins a job has claimed ([`Env::claim`]), let go when it ends.
+struct Held<'a>(&'a Env, Vec<String>);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        for vm in &self.1 {
+            self.0.unclaim(vm);
+        }
+    }
+}
+
 /// Makes room on `host` for `node`'s twin by removing other nodes' pre-created twins there,
 /// the largest first, until placement accepts it (each removal logged under its own node, whose
 /// pre-created twin is made again where there is room). Only a twin that reads back paused is
@@ -1061,8 +1128,15 @@ async fn make_room(
             // Still being made, or gone: not removed from under its job.
             continue;
         }
+        // Claimed before it goes: its own node's failover, starting now, does not resume it (nor
+        // does this remove one that failover claimed first).
+        if !env.claim(&vm) {
+            continue;
+        }
         let why = format!("{node}'s failover needs its room on {host}");
-        remove_paused(env, &other, e, host, hv.as_ref(), &vm, &why).await?;
+        let removed = remove_paused(env, &other, e, host, hv.as_ref(), &vm, &why).await;
+        env.unclaim(&vm);
+        removed?;
     }
 }
 

@@ -555,6 +555,12 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         placed: Arc::new(Mutex::new(
             cfg.nodes
                 .iter()
+                // (A watched node runs no twin, whatever an old record says.)
+                .filter(|n| {
+                    rack.nodes
+                        .get(&n.name)
+                        .is_some_and(|x| !matches!(x.phase, Phase::Watching | Phase::Maintenance))
+                })
                 .filter_map(|n| {
                     let host = crate::journal::twins_may_run(&records, &n.name)
                         .into_iter()
@@ -569,6 +575,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         )),
         standby: Arc::new(Mutex::new(kept_standby)),
         host_judged: Arc::new(Mutex::new(HashMap::new())),
+        claims: Arc::new(Mutex::new(std::collections::HashSet::new())),
         // A host the log shows fenced (off or pending) takes no twin until seen healthy again.
         fenced_hosts: Arc::new(Mutex::new(
             cfg.hosts
@@ -1136,10 +1143,25 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         serde_json::Value::Null,
                     );
                     jobs.spawn(async move {
+                        // Said back whichever way the job ends (a panic too): a node left
+                        // marked in flight would never be fenced again.
+                        struct Said(Option<(mpsc::UnboundedSender<JobResult>, String)>);
+                        impl Drop for Said {
+                            fn drop(&mut self) {
+                                if let Some((tx, n)) = self.0.take() {
+                                    let _ = tx.send(JobResult::Refenced(
+                                        n,
+                                        Err("the refence job ended early".into()),
+                                    ));
+                                }
+                            }
+                        }
+                        let mut said = Said(Some((jtx.clone(), node.clone())));
                         let r = jobs::fence_node(&env, &node, Some(epoch), "twin running")
                             .await
                             .map(drop)
                             .map_err(|e| e.to_string());
+                        said.0 = None;
                         let _ = jtx.send(JobResult::Refenced(node, r));
                     });
                 }
