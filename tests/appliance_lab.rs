@@ -266,8 +266,10 @@ fn kill_dash_nine_at_random_moments_of_failovers_converges_safely() {
             if state(&lab, node) == "running-virtual" {
                 break;
             }
+            // (Within the failover's own boot timeout, 90 s, and its retry: a twin whose
+            // heartbeats never arrive is stopped and started again, which converges too.)
             assert!(
-                t0.elapsed() < Duration::from_secs(60),
+                t0.elapsed() < Duration::from_secs(150),
                 "round {round}: {node}'s failover did not complete after the restart (state {:?})\n{}",
                 state(&lab, node),
                 explain(&lab, node, &app.out)
