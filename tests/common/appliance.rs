@@ -131,7 +131,11 @@ pub fn api(lab: &Lab, method: &str, path: &str, token: Option<&str>) -> (u16, Va
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    // An appliance going down (killed, or stopping) may close the connection it just accepted:
+    // no answer, as when it does not accept at all.
+    if write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").is_err() {
+        return (0, Value::Null);
+    }
     let mut r = String::new();
     let _ = s.read_to_string(&mut r);
     let Some((head, body)) = r.split_once("\r\n\r\n") else {
