@@ -231,14 +231,19 @@ fn vm_name(node: &str, epoch: u64) -> String {
     format!("vigil-{node}-e{epoch}")
 }
 
-fn twin_epoch(vm: &str, node: &str) -> Option<u64> {
+/// The epoch in a twin's VM name (`vigil-NODE-eEPOCH`), if `vm` is one of `node`'s.
+pub fn twin_epoch(vm: &str, node: &str) -> Option<u64> {
     vm.strip_prefix(&format!("vigil-{node}-e"))?.parse().ok()
 }
 
+/// `node`'s recorded hardware profile, if its file reads and parses.
+fn recorded_profile(node: &NodeConfig) -> Option<HardwareProfile> {
+    let text = std::fs::read_to_string(&node.hardware_profile).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
 async fn load_profile(env: &Env, node: &NodeConfig) -> Result<HardwareProfile, String> {
-    if let Ok(text) = std::fs::read_to_string(&node.hardware_profile)
-        && let Ok(p) = serde_json::from_str::<HardwareProfile>(&text)
-    {
+    if let Some(p) = recorded_profile(node) {
         return Ok(p);
     }
     // No recorded profile: capture it now (a failed node's BMC usually still answers).
@@ -336,9 +341,7 @@ pub fn twin_request(node: &NodeConfig, profile: &HardwareProfile) -> Request {
 /// What `node`'s twin asks of a host by its recorded profile, with no BMC read: for counting
 /// the twins a restart finds. None without a readable recorded profile.
 pub fn recorded_request(node: &NodeConfig) -> Option<Request> {
-    let text = std::fs::read_to_string(&node.hardware_profile).ok()?;
-    let profile: HardwareProfile = serde_json::from_str(&text).ok()?;
-    Some(twin_request(node, &profile))
+    recorded_profile(node).map(|p| twin_request(node, &p))
 }
 
 /// The twin of `node` for `epoch` on `host_name`: its hypervisor, its VM spec (with the
@@ -519,10 +522,7 @@ async fn check_the_server_in_place(
         .cfg
         .node(node_name)
         .ok_or_else(|| format!("{node_name} is not a configured node"))?;
-    let recorded = std::fs::read_to_string(&node.hardware_profile)
-        .ok()
-        .and_then(|t| serde_json::from_str::<HardwareProfile>(&t).ok());
-    let Some(recorded) = recorded else {
+    let Some(recorded) = recorded_profile(node) else {
         // Nothing to compare with (the capture the twin was built from is gone): the next
         // failover captures the server as it is then.
         return Ok(());

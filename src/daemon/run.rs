@@ -564,10 +564,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 .filter_map(|n| {
                     let host = crate::journal::twins_may_run(&records, &n.name)
                         .into_iter()
-                        .max_by_key(|(vm, _)| {
-                            vm.rsplit_once("-e")
-                                .and_then(|(_, e)| e.parse::<u64>().ok())
-                        })?
+                        .max_by_key(|(vm, _)| jobs::twin_epoch(vm, &n.name))?
                         .1;
                     jobs::recorded_request(n).map(|req| crate::placement::Placed::of(&req, &host))
                 })
