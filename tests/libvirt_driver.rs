@@ -97,22 +97,32 @@ fn libvirt_accepts_the_twin_of_every_captured_server() {
 struct Libvirtd {
     child: Child,
     dir: tempfile::TempDir,
+    port: u16,
 }
 
 impl Libvirtd {
     fn start() -> Libvirtd {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("libvirtd.conf");
+        // Also on TCP, on loopback only, without authentication: a URI that names a host, as a
+        // remote failover server's would (its files are not this machine's, as far as the
+        // driver may assume).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         std::fs::write(
             &conf,
             format!(
-                "unix_sock_dir = \"{}\"\nunix_sock_ro_perms = \"0700\"\nunix_sock_rw_perms = \"0700\"\nauth_unix_ro = \"none\"\nauth_unix_rw = \"none\"\n",
+                "unix_sock_dir = \"{}\"\nunix_sock_ro_perms = \"0700\"\nunix_sock_rw_perms = \"0700\"\nauth_unix_ro = \"none\"\nauth_unix_rw = \"none\"\nlisten_tls = 0\nlisten_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n",
                 dir.path().display()
             ),
         )
         .unwrap();
         let log = std::fs::File::create(dir.path().join("libvirtd.log")).unwrap();
         let child = Command::new("libvirtd")
+            .arg("--listen")
             .arg("-f")
             .arg(&conf)
             .arg("-p")
@@ -122,7 +132,7 @@ impl Libvirtd {
             .stderr(log)
             .spawn()
             .expect("libvirtd is installed (scripts/install-test-deps.sh)");
-        let d = Libvirtd { child, dir };
+        let d = Libvirtd { child, dir, port };
         // The first start probes QEMU's capabilities (~8 s here).
         let t0 = Instant::now();
         loop {
@@ -141,6 +151,10 @@ impl Libvirtd {
             std::thread::sleep(Duration::from_millis(200));
         }
         d
+    }
+
+    fn tcp_uri(&self) -> String {
+        format!("qemu+tcp://127.0.0.1:{}/system", self.port)
     }
 
     fn uri(&self) -> String {
@@ -185,7 +199,13 @@ async fn a_twin_runs_its_whole_life_on_a_real_libvirtd() {
     spec.cpu.cores = 1;
     spec.cpu.threads = 1;
     spec.memory_mib = 256;
-    spec.disk = None;
+    // A boot disk on "shared storage" (a file here), attached only at the resume.
+    let disk = run.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    spec.disk = Some(vigil::virt::spec::DiskSpec {
+        source: disk.display().to_string(),
+        controller: "virtio-blk-pci".into(),
+    });
     spec.nics.truncate(1);
     let g = guest();
     spec.boot = BootSpec::Kernel {
@@ -209,6 +229,20 @@ async fn a_twin_runs_its_whole_life_on_a_real_libvirtd() {
     );
     let xml = std::fs::read_to_string(run.path().join(&name).join("domain.xml")).unwrap();
     assert!(!xml.contains(key), "the key is in the domain XML");
+    // Paused, it has no disk yet: not even opened before the failover's fence.
+    let blocks = |uri: &str, name: &str| {
+        let o = Command::new("virsh")
+            .args(["-q", "-c", uri, "domblklist", name])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(
+        !blocks(&lv.uri(), &name).contains("vda"),
+        "{}",
+        blocks(&lv.uri(), &name)
+    );
     // Never a second twin of the same name.
     assert!(matches!(
         driver.create(&spec, &id, false).await,
@@ -227,6 +261,15 @@ async fn a_twin_runs_its_whole_life_on_a_real_libvirtd() {
         );
     }
     assert_eq!(driver.start(&name).await.unwrap(), VmState::Running);
+    // Attached at the resume, into the spare root port, and read back live.
+    let b = blocks(&lv.uri(), &name);
+    assert!(
+        b.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["vda", disk.to_str().unwrap()]),
+        "{b}"
+    );
+    // (Starting an already-running twin attaches nothing twice.)
+    assert_eq!(driver.start(&name).await.unwrap(), VmState::Running);
     assert!(
         driver
             .list()
@@ -235,18 +278,8 @@ async fn a_twin_runs_its_whole_life_on_a_real_libvirtd() {
     );
 
     // The guest boots and heartbeats as the node, under the epoch, signed with the key.
-    let mut buf = [0u8; 2048];
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let beat = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "no heartbeat from the twin within 90 s");
-        if let Ok(Ok(n)) = tokio::time::timeout(left, hb.recv(&mut buf)).await {
-            let u = vigil::heartbeat::wire::decode(&buf[..n]).unwrap();
-            break vigil::heartbeat::wire::verify(u, key.as_bytes()).unwrap();
-        }
-    };
+    let beat = first_beat(&hb, key, 7).await;
     assert_eq!(beat.node, "n1");
-    assert_eq!(beat.epoch, 7);
     assert!(beat.virtual_node);
 
     // Graceful stop (ACPI: the guest powers off), confirmed; then gone.
@@ -255,4 +288,91 @@ async fn a_twin_runs_its_whole_life_on_a_real_libvirtd() {
     driver.destroy(&name).await.unwrap();
     assert_eq!(driver.status(&name).await, VmState::Absent);
     assert!(!driver.list().await.iter().any(|(n, _)| n == &name));
+
+    // Through a URI that names a host: nothing of the domain on this machine's disk counts. The
+    // key goes up the libvirt connection into a volume of the key pool (made here at first
+    // use), streamed from memory, and is deleted once QEMU read it; the guest still gets it.
+    let remote_run = tempfile::tempdir().unwrap();
+    let mut remote = LibvirtDriver::new(
+        &lv.tcp_uri(),
+        remote_run.path().to_path_buf(),
+        NetMode::User,
+    );
+    assert!(remote.remote() && !driver.remote());
+    remote.key_pool = format!("vigil-keys-{}", std::process::id());
+    let pool_dir = lv.dir.path().join("keys");
+    remote.key_pool_dir = pool_dir.clone();
+    spec.name = format!("vigil-n1-e8-{}", std::process::id());
+    spec.epoch = 8;
+    spec.disk = None;
+    let name = spec.name.clone();
+    assert_eq!(
+        remote.create(&spec, &id, true).await.unwrap(),
+        VmState::Paused
+    );
+    let written: Vec<PathBuf> = walk(remote_run.path());
+    assert!(
+        !written
+            .iter()
+            .any(|p| p.file_name().is_some_and(|f| f == "key")),
+        "a key file here: {written:?}"
+    );
+    let xml = std::fs::read_to_string(remote_run.path().join(&name).join("domain.xml")).unwrap();
+    assert!(!xml.contains(key), "the key is in the domain XML");
+    assert!(
+        xml.contains(&format!(
+            "<entry name='opt/vigil/key' file='{}/{name}.key'/>",
+            pool_dir.display()
+        )),
+        "{xml}"
+    );
+    assert!(xml.contains("<serial type='pty'>"), "{xml}");
+    assert!(
+        std::fs::read_dir(&pool_dir).unwrap().next().is_none(),
+        "the key volume outlived the start"
+    );
+    assert_eq!(remote.start(&name).await.unwrap(), VmState::Running);
+    let beat = first_beat(&hb, key, 8).await;
+    assert_eq!(beat.node, "n1");
+    remote.destroy(&name).await.unwrap();
+    assert_eq!(remote.status(&name).await, VmState::Absent);
+    for step in ["pool-destroy", "pool-undefine"] {
+        let _ = Command::new("virsh")
+            .args(["-q", "-c", &lv.uri(), step, &remote.key_pool])
+            .output();
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() { walk(&p) } else { vec![p] }
+        })
+        .collect()
+}
+
+/// The first heartbeat under `epoch` on `hb`, verified with `key` (90 s at most).
+async fn first_beat(
+    hb: &tokio::net::UdpSocket,
+    key: &str,
+    epoch: u64,
+) -> vigil::heartbeat::wire::Heartbeat {
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no heartbeat of epoch {epoch} within 90 s");
+        if let Ok(Ok(n)) = tokio::time::timeout(left, hb.recv(&mut buf)).await {
+            let u = vigil::heartbeat::wire::decode(&buf[..n]).unwrap();
+            let b = vigil::heartbeat::wire::verify(u, key.as_bytes()).unwrap();
+            if b.epoch == epoch {
+                return b;
+            }
+        }
+    }
 }

@@ -13,10 +13,21 @@
 //!
 //! The node's identity reaches the guest as for the QEMU driver, through fw_cfg
 //! (`<sysinfo type='fwcfg'>`), the key as a *file* entry so it is never on a command line or in
-//! the domain XML. The file is written in the VM's folder on this machine: with a remote URI the
-//! same path must exist on the remote host (provisioning it there is not part of this driver).
+//! the domain XML. With a local URI (`qemu:///system`) the file is written in the VM's folder on
+//! this machine. With a remote one (`qemu+ssh://host/system`, `qemu+tls://...`: a URI that names
+//! a host) nothing of the domain is on this machine's disk as the host sees it: the key is
+//! uploaded over the libvirt connection itself into a storage volume of a dir pool on that host
+//! (`vigil-keys`, made at first use under `/var/lib/libvirt/vigil-keys`, mode 0700), streamed
+//! from memory (never written here), and the volume is deleted once QEMU has read it; the serial
+//! console is a pty (`virsh console`) and UEFI variables are where libvirt keeps them.
 //!
-//! Key types: [`LibvirtDriver`].
+//! A pre-created twin (`create(.., paused = true)`) is defined without its boot disk, with an
+//! empty PCIe root port; `start` attaches the disk live (`attach-device --live`), reads it back
+//! (`domblklist`), and only then resumes: until the failover, after the fence, the shared disk is
+//! not even opened on the failover server. (A SATA disk cannot be hot-plugged: it is in the
+//! domain from the start, as with the QEMU driver.)
+//!
+//! Key types: [`LibvirtDriver`], [`Files`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -54,9 +65,70 @@ fn disk_bus(controller: &str) -> (&'static str, &'static str) {
     }
 }
 
+/// Where a domain's files are, as its libvirt host sees them.
+#[derive(Debug, Clone, Copy)]
+pub enum Files<'a> {
+    /// In the VM's folder on this machine (a local libvirtd).
+    Local(&'a Path),
+    /// On a remote host: the key in a storage volume at this path there; the serial console on
+    /// a pty; UEFI variables where libvirt keeps them.
+    Remote {
+        /// The key volume's path on the host.
+        key: &'a str,
+    },
+}
+
 /// The domain XML for `spec`, its files (serial log, key, UEFI variables) in `dir`.
 pub fn domain_xml(spec: &VmSpec, dir: &Path, net: &NetMode, id: &GuestIdentity) -> String {
-    let d = |f: &str| x(&dir.join(f).display().to_string());
+    domain_xml_for(spec, Files::Local(dir), net, id, false)
+}
+
+/// The `<disk>` element of a twin's boot disk.
+pub fn disk_xml(disk: &super::spec::DiskSpec) -> String {
+    let (bus, dev) = disk_bus(&disk.controller);
+    let src = &disk.source;
+    let source = if let Some(rest) = src.strip_prefix("rbd:") {
+        format!(
+            "<disk type='network' device='disk'>\n      <driver name='qemu' type='raw' cache='none'/>\n      <source protocol='rbd' name='{}'/>\n",
+            x(rest)
+        )
+    } else if let Some(rest) = src.strip_prefix("iscsi://") {
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (h, p) = host.split_once(':').unwrap_or((host, "3260"));
+        format!(
+            "<disk type='network' device='disk'>\n      <driver name='qemu' type='raw' cache='none'/>\n      <source protocol='iscsi' name='{}'>\n        <host name='{}' port='{}'/>\n      </source>\n",
+            x(path),
+            x(h),
+            x(p)
+        )
+    } else {
+        format!(
+            "<disk type='file' device='disk'>\n      <driver name='qemu' type='raw' cache='none'/>\n      <source file='{}'/>\n",
+            x(src)
+        )
+    };
+    format!("    {source}      <target dev='{dev}' bus='{bus}'/>\n    </disk>\n")
+}
+
+/// Whether `disk` can be attached live to a paused twin: a virtio disk (a PCIe device) into an
+/// empty root port can; a SATA disk cannot.
+fn hot_attachable(disk: &super::spec::DiskSpec) -> bool {
+    disk_bus(&disk.controller).0 == "virtio"
+}
+
+/// The domain XML for `spec` with its files as `files` says; `spare_port` adds an empty PCIe
+/// root port (a pre-created twin's boot disk goes there at its resume).
+pub fn domain_xml_for(
+    spec: &VmSpec,
+    files: Files<'_>,
+    net: &NetMode,
+    id: &GuestIdentity,
+    spare_port: bool,
+) -> String {
+    let d = |f: &str| match files {
+        Files::Local(dir) => x(&dir.join(f).display().to_string()),
+        Files::Remote { .. } => String::new(),
+    };
     let mut o = String::new();
     let kind = match spec.accel {
         Accel::Kvm => "kvm",
@@ -103,10 +175,11 @@ pub fn domain_xml(spec: &VmSpec, dir: &Path, net: &NetMode, id: &GuestIdentity) 
         "    <entry name='opt/vigil/appliance'>{}</entry>\n",
         x(&id.appliance)
     ));
-    o.push_str(&format!(
-        "    <entry name='opt/vigil/key' file='{}'/>\n",
-        d("key")
-    ));
+    let key = match files {
+        Files::Local(_) => d("key"),
+        Files::Remote { key } => x(key),
+    };
+    o.push_str(&format!("    <entry name='opt/vigil/key' file='{key}'/>\n"));
     o.push_str("  </sysinfo>\n");
     o.push_str("  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n");
     match &spec.boot {
@@ -121,10 +194,16 @@ pub fn domain_xml(spec: &VmSpec, dir: &Path, net: &NetMode, id: &GuestIdentity) 
         }
         BootSpec::Uefi => {
             o.push_str("    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>\n");
-            o.push_str(&format!(
-                "    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{}</nvram>\n",
-                d("OVMF_VARS.fd")
-            ));
+            match files {
+                Files::Local(_) => o.push_str(&format!(
+                    "    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{}</nvram>\n",
+                    d("OVMF_VARS.fd")
+                )),
+                // (libvirt keeps it under its own folder on the host.)
+                Files::Remote { .. } => {
+                    o.push_str("    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'/>\n")
+                }
+            }
             o.push_str("    <boot dev='hd'/>\n");
         }
         BootSpec::Bios => o.push_str("    <boot dev='hd'/>\n"),
@@ -160,32 +239,17 @@ pub fn domain_xml(spec: &VmSpec, dir: &Path, net: &NetMode, id: &GuestIdentity) 
     o.push_str("  </cpu>\n");
     o.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n");
     o.push_str("  <devices>\n");
+    if spare_port {
+        // libvirt fills free root ports with the devices it places itself (the NICs, its USB
+        // controller) before it adds ports of its own: enough are given that some stay empty
+        // for the disk (the attach is read back: a disk that found no port is an error, said).
+        o.push_str("    <controller type='pci' index='0' model='pcie-root'/>\n");
+        for _ in 0..spec.nics.len() + 4 {
+            o.push_str("    <controller type='pci' model='pcie-root-port'/>\n");
+        }
+    }
     if let Some(disk) = &spec.disk {
-        let (bus, dev) = disk_bus(&disk.controller);
-        let src = &disk.source;
-        let source = if let Some(rest) = src.strip_prefix("rbd:") {
-            format!(
-                "<disk type='network' device='disk'>\n      <driver name='qemu' type='raw' cache='none'/>\n      <source protocol='rbd' name='{}'/>\n",
-                x(rest)
-            )
-        } else if let Some(rest) = src.strip_prefix("iscsi://") {
-            let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-            let (h, p) = host.split_once(':').unwrap_or((host, "3260"));
-            format!(
-                "<disk type='network' device='disk'>\n      <driver name='qemu' type='raw' cache='none'/>\n      <source protocol='iscsi' name='{}'>\n        <host name='{}' port='{}'/>\n      </source>\n",
-                x(path),
-                x(h),
-                x(p)
-            )
-        } else {
-            format!(
-                "<disk type='file' device='disk'>\n      <driver name='qemu' type='raw' cache='none'/>\n      <source file='{}'/>\n",
-                x(src)
-            )
-        };
-        o.push_str(&format!(
-            "    {source}      <target dev='{dev}' bus='{bus}'/>\n    </disk>\n"
-        ));
+        o.push_str(&disk_xml(disk));
     }
     for n in &spec.nics {
         let model = match n.model.as_str() {
@@ -205,10 +269,15 @@ pub fn domain_xml(spec: &VmSpec, dir: &Path, net: &NetMode, id: &GuestIdentity) 
             x(model)
         ));
     }
-    o.push_str(&format!(
-        "    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    </serial>\n",
-        d("serial.log")
-    ));
+    match files {
+        Files::Local(_) => o.push_str(&format!(
+            "    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    </serial>\n",
+            d("serial.log")
+        )),
+        Files::Remote { .. } => {
+            o.push_str("    <serial type='pty'>\n      <target port='0'/>\n    </serial>\n");
+        }
+    }
     // No graphics element at all: no display (`<graphics type='none'>` is newer than libvirt 9.0).
     o.push_str(
         "    <video>\n      <model type='none'/>\n    </video>\n    <memballoon model='none'/>\n",
@@ -250,6 +319,11 @@ pub struct LibvirtDriver {
     pub net: NetMode,
     /// How long one virsh call may take.
     pub timeout: Duration,
+    /// With a remote URI: the storage pool on the host that keys are uploaded to (made at first
+    /// use as a dir pool at `key_pool_dir`, mode 0700, if it does not exist).
+    pub key_pool: String,
+    /// Where that pool keeps its volumes on the host.
+    pub key_pool_dir: PathBuf,
 }
 
 impl LibvirtDriver {
@@ -261,6 +335,8 @@ impl LibvirtDriver {
             virsh: PathBuf::from("virsh"),
             net,
             timeout: Duration::from_secs(60),
+            key_pool: "vigil-keys".into(),
+            key_pool_dir: PathBuf::from("/var/lib/libvirt/vigil-keys"),
         }
     }
 
@@ -268,13 +344,115 @@ impl LibvirtDriver {
         self.run_dir.join(name)
     }
 
+    /// Whether the URI names a host (`qemu+ssh://root@fo1/system`): then the libvirt host's disk
+    /// is not this machine's, whatever the name resolves to.
+    pub fn remote(&self) -> bool {
+        self.uri
+            .split_once("://")
+            .map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or(""))
+            .is_some_and(|authority| !authority.is_empty())
+    }
+
+    /// Makes sure the key pool exists and is active on the host.
+    async fn key_pool_ready(&self) -> Result<(), String> {
+        match self.virsh(&["pool-info", &self.key_pool]).await {
+            Ok(info)
+                if info
+                    .lines()
+                    .any(|l| l.starts_with("State:") && l.contains("running")) =>
+            {
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) if e.contains("not found") || e.contains("no storage pool") => {
+                let xml = format!(
+                    "<pool type='dir'>\n  <name>{}</name>\n  <target>\n    <path>{}</path>\n    <permissions>\n      <mode>0700</mode>\n    </permissions>\n  </target>\n</pool>\n",
+                    x(&self.key_pool),
+                    x(&self.key_pool_dir.display().to_string())
+                );
+                let file = self.run_dir.join(format!("{}.pool.xml", self.key_pool));
+                std::fs::create_dir_all(&self.run_dir).map_err(|e| e.to_string())?;
+                std::fs::write(&file, xml).map_err(|e| e.to_string())?;
+                self.virsh(&["pool-define", &file.display().to_string()])
+                    .await?;
+                self.virsh(&["pool-build", &self.key_pool]).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.virsh(&["pool-start", &self.key_pool]).await.map(drop)
+    }
+
+    /// Uploads `key` over the libvirt connection into a volume of the key pool named after the
+    /// VM, streamed from memory; returns the volume's path on the host.
+    async fn upload_key(&self, vm: &str, key: &crate::config::Secret) -> Result<String, String> {
+        self.key_pool_ready()
+            .await
+            .map_err(|e| format!("the key pool {} cannot be used: {e}", self.key_pool))?;
+        let vol = format!("{vm}.key");
+        // A volume left by an interrupted start goes first.
+        let _ = self
+            .virsh(&["vol-delete", "--pool", &self.key_pool, &vol])
+            .await;
+        let bytes = key.expose().as_bytes();
+        self.virsh(&[
+            "vol-create-as",
+            &self.key_pool,
+            &vol,
+            &bytes.len().to_string(),
+            "--format",
+            "raw",
+        ])
+        .await?;
+        let uploaded = self
+            .virsh_input(
+                &["vol-upload", "--pool", &self.key_pool, &vol, "/dev/stdin"],
+                bytes,
+            )
+            .await;
+        if let Err(e) = uploaded {
+            self.delete_key(vm).await;
+            return Err(format!("the key cannot be uploaded: {e}"));
+        }
+        let path = self
+            .virsh(&["vol-path", "--pool", &self.key_pool, &vol])
+            .await?;
+        Ok(path.trim().to_string())
+    }
+
+    /// Deletes the VM's key volume on the host (QEMU read it at start).
+    async fn delete_key(&self, vm: &str) {
+        let _ = self
+            .virsh(&["vol-delete", "--pool", &self.key_pool, &format!("{vm}.key")])
+            .await;
+    }
+
     /// One virsh call: Ok(stdout) or Err(its message).
     async fn virsh(&self, args: &[&str]) -> Result<String, String> {
+        self.virsh_input(args, &[]).await
+    }
+
+    /// One virsh call with `input` on its standard input (nothing: /dev/null).
+    async fn virsh_input(&self, args: &[&str], input: &[u8]) -> Result<String, String> {
+        use tokio::io::AsyncWriteExt;
         let mut cmd = tokio::process::Command::new(&self.virsh);
         cmd.arg("-q").arg("-c").arg(&self.uri).args(args);
-        cmd.stdin(std::process::Stdio::null());
+        cmd.stdin(if input.is_empty() {
+            std::process::Stdio::null()
+        } else {
+            std::process::Stdio::piped()
+        });
+        cmd.stdout(std::process::Stdio::piped());
+        cmd.stderr(std::process::Stdio::piped());
         cmd.kill_on_drop(true);
-        let out = match tokio::time::timeout(self.timeout, cmd.output()).await {
+        let run = async {
+            let mut child = cmd.spawn()?;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(input).await?;
+                // (Dropped: virsh reads to the end.)
+            }
+            child.wait_with_output().await
+        };
+        let out = match tokio::time::timeout(self.timeout, run).await {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => return Err(format!("virsh cannot run: {e}")),
             Err(_) => {
@@ -344,7 +522,71 @@ impl LibvirtDriver {
             }
         };
         std::fs::create_dir_all(&dir).map_err(io("create its folder"))?;
-        super::write_key(&dir, &id.key).map_err(io("write its key"))?;
+        let remote = self.remote();
+        let key_path = if remote {
+            Some(
+                self.upload_key(name, &id.key)
+                    .await
+                    .map_err(|e| Self::refused(name, e))?,
+            )
+        } else {
+            super::write_key(&dir, &id.key).map_err(io("write its key"))?;
+            None
+        };
+        let r = self
+            .define_and_start(spec, id, paused, &dir, key_path.as_deref())
+            .await;
+        // QEMU read its fw_cfg files at start (before pausing, with --paused), and a failed
+        // start needs them no more: the key does not stay on any disk.
+        if remote {
+            self.delete_key(name).await;
+        } else {
+            let _ = std::fs::remove_file(dir.join("key"));
+        }
+        r
+    }
+
+    async fn define_and_start(
+        &self,
+        spec: &VmSpec,
+        id: &GuestIdentity,
+        paused: bool,
+        dir: &Path,
+        key_path: Option<&str>,
+    ) -> Result<VmState, VirtError> {
+        let name = spec.name.as_str();
+        let io = |what: &'static str| {
+            move |e: std::io::Error| VirtError::Io {
+                vm: name.to_string(),
+                what,
+                reason: e.to_string(),
+            }
+        };
+        let files = match key_path {
+            Some(key) => Files::Remote { key },
+            None => Files::Local(dir),
+        };
+        // A pre-created twin waits without its boot disk: attached at the resume (`start`),
+        // after the fence.
+        let mut spec = spec.clone();
+        let pending_file = dir.join("disk-pending.json");
+        let pending = match spec.disk.take() {
+            Some(d) if paused && hot_attachable(&d) => Some(d),
+            other => {
+                spec.disk = other;
+                None
+            }
+        };
+        match &pending {
+            Some(d) => std::fs::write(
+                &pending_file,
+                serde_json::to_vec(d).map_err(|e| io("record its pending disk")(e.into()))?,
+            )
+            .map_err(io("record its pending disk"))?,
+            None => {
+                let _ = std::fs::remove_file(&pending_file);
+            }
+        }
         let xml_path = dir.join("domain.xml");
         let xml = xml_path.display().to_string();
         // libvirt's CPU map is not QEMU's: a model may need features there that this host's
@@ -352,13 +594,15 @@ impl LibvirtDriver {
         // names them when it refuses to start; they are disabled too, said in the log and in
         // the VM's folder (cpu-disabled-by-libvirt.txt), and the start is tried again, twice at
         // most. Never a silent downgrade: what is given up is written down.
-        let mut spec = spec.clone();
         let mut disabled: Vec<String> = Vec::new();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            std::fs::write(&xml_path, domain_xml(&spec, &dir, &self.net, id))
-                .map_err(io("write its domain XML"))?;
+            std::fs::write(
+                &xml_path,
+                domain_xml_for(&spec, files, &self.net, id, pending.is_some()),
+            )
+            .map_err(io("write its domain XML"))?;
             self.virsh(&["define", &xml])
                 .await
                 .map_err(|e| Self::refused(name, e))?;
@@ -392,9 +636,6 @@ impl LibvirtDriver {
             )
             .map_err(io("write the features libvirt disabled"))?;
         }
-        // QEMU read its fw_cfg files at start (before pausing, with --paused): the key need
-        // not stay on disk.
-        let _ = std::fs::remove_file(dir.join("key"));
         let st = self.state(name).await;
         match (&st, paused) {
             (VmState::Running, false) | (VmState::Paused, true) => Ok(st),
@@ -403,6 +644,39 @@ impl LibvirtDriver {
                 format!("started, but reads back {st:?}"),
             )),
         }
+    }
+
+    /// Attaches a pre-created twin's boot disk, live, into its empty root port, and reads it
+    /// back (`domblklist`). Done already (an earlier resume that failed later): nothing again.
+    async fn attach_pending_disk(&self, name: &str) -> Result<(), VirtError> {
+        let pending = self.dir(name).join("disk-pending.json");
+        let Ok(text) = std::fs::read(&pending) else {
+            return Ok(());
+        };
+        let fail = |reason: String| {
+            Self::refused(name, format!("its boot disk cannot be attached: {reason}"))
+        };
+        let disk: super::spec::DiskSpec =
+            serde_json::from_slice(&text).map_err(|e| fail(e.to_string()))?;
+        let (_, dev) = disk_bus(&disk.controller);
+        let attached = |list: &str| {
+            list.lines()
+                .any(|l| l.split_whitespace().next() == Some(dev))
+        };
+        let before = self.virsh(&["domblklist", name]).await.map_err(fail)?;
+        if !attached(&before) {
+            let file = self.dir(name).join("disk.xml");
+            std::fs::write(&file, disk_xml(&disk)).map_err(|e| fail(e.to_string()))?;
+            self.virsh(&["attach-device", name, &file.display().to_string(), "--live"])
+                .await
+                .map_err(fail)?;
+            let after = self.virsh(&["domblklist", name]).await.map_err(fail)?;
+            if !attached(&after) {
+                return Err(fail(format!("domblklist does not show {dev}: {after}")));
+            }
+        }
+        let _done = std::fs::remove_file(&pending);
+        Ok(())
     }
 
     async fn stop_inner(&self, name: &str, grace: Duration) -> Result<(), VirtError> {
@@ -451,6 +725,7 @@ impl Hypervisor for LibvirtDriver {
             // Resumes a paused twin. A stopped one is not restarted here: its key left the disk
             // once QEMU read it, so it is created again instead.
             if self.state(&name).await == VmState::Paused {
+                self.attach_pending_disk(&name).await?;
                 self.virsh(&["resume", &name])
                     .await
                     .map_err(|e| Self::refused(&name, e))?;
@@ -478,6 +753,10 @@ impl Hypervisor for LibvirtDriver {
             let _ = self.virsh(&["destroy", &name]).await;
             let _ = self.virsh(&["undefine", &name, "--nvram"]).await;
             let _ = std::fs::remove_file(self.dir(&name).join("key"));
+            let _ = std::fs::remove_file(self.dir(&name).join("disk-pending.json"));
+            if self.remote() {
+                self.delete_key(&name).await;
+            }
             match self.state(&name).await {
                 VmState::Absent => Ok(()),
                 st => Err(VirtError::NotStopped {
