@@ -1444,3 +1444,303 @@ fn a_twin_on_a_host_that_cannot_be_read_is_replaced_only_once_that_host_is_fence
     check_log_invariants(&journal(&lab), "batch1");
     app.stop();
 }
+
+/// `vigil` with `args` and the lab's configuration; (exit code, stdout + stderr).
+fn vigil_cli(lab: &Lab, args: &[&str], check: &dyn Fn()) -> (i32, String) {
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("vigil"))
+        .args(args)
+        .arg("--config")
+        .arg(lab.config_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        check();
+        assert!(
+            t0.elapsed() < Duration::from_secs(240),
+            "vigil {args:?} hangs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A node never has two twins by the log: each `vm-start` follows the end of the one before
+/// (stopped, or failed to start).
+fn one_twin_at_a_time(recs: &[vigil::journal::Record], node: &str) {
+    use vigil::journal::RecordKind as K;
+    let mut running: Option<u64> = None;
+    for r in recs.iter().filter(|r| r.node.as_deref() == Some(node)) {
+        match r.kind {
+            K::VmStart => {
+                assert!(
+                    running.is_none(),
+                    "#{}: a twin of {node} starts while the one of #{} was not stopped",
+                    r.seq,
+                    running.unwrap_or(0)
+                );
+                running = Some(r.seq);
+            }
+            K::VmStopped | K::FailoverFailed => running = None,
+            _ => {}
+        }
+    }
+}
+
+/// Where the twin of `node` heartbeat from, in order (`vm-heartbeat` records).
+fn beats_from(recs: &[vigil::journal::Record], node: &str) -> Vec<String> {
+    recs.iter()
+        .filter(|r| {
+            r.node.as_deref() == Some(node) && r.kind == vigil::journal::RecordKind::VmHeartbeat
+        })
+        .map(|r| r.detail["host"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn a_loaded_failover_server_is_rebalanced_by_hand_and_by_policy_without_a_second_fence() {
+    use vigil::journal::RecordKind as K;
+    let _slot = twin_slot();
+    let lab = lab();
+    let _cleanup = Cleanup(&lab);
+    let mut app = Appliance::start(&lab, "rebalance");
+    for n in ["db1", "batch1", "backup1"] {
+        wait_state(&lab, n, "healthy", Duration::from_secs(30));
+    }
+    let one_each = || {
+        for n in ["db1", "batch1"] {
+            assert!(twins(&lab, n) <= 1, "two twins of {n}");
+        }
+    };
+    let host_healthy = |h: &str| {
+        let (_, st) = api(&lab, "GET", "/api/status", None);
+        st["hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["name"] == h && x["healthy"] == true)
+    };
+    // The backup server is cut off while db1 and batch1 fail: both twins go to failover1,
+    // the second past its 80% mark (4 of 4 vCPUs), as nothing else can take it.
+    lab.inject("backup1", json!({"kind": "network-isolation"}));
+    let t0 = Instant::now();
+    while host_healthy("backup1") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "backup1 stays healthy"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fail_over_watching(&lab, &app, "db1", &one_each);
+    fail_over_watching(&lab, &app, "batch1", &one_each);
+    assert_eq!(beats_from(&journal(&lab), "db1"), ["failover1"]);
+    assert_eq!(beats_from(&journal(&lab), "batch1"), ["failover1"]);
+    // While backup1 is not healthy, nothing is proposed.
+    let (code, out) = vigil_cli(&lab, &["rebalance", "--dry-run"], &one_each);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("nothing to move"), "{out}");
+    // backup1 comes back: the move is proposed, shown by the dry run, and nothing moves.
+    lab.repair("backup1");
+    let t0 = Instant::now();
+    loop {
+        let (_, st) = api(&lab, "GET", "/api/status", None);
+        if st["rebalance"]["node"].is_string() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no rebalance proposed: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (code, out) = vigil_cli(&lab, &["rebalance", "--dry-run"], &one_each);
+    assert_eq!(code, 0, "{out}");
+    // (The smallest twin moves; db1 and batch1 are the same size: by name.)
+    assert!(
+        out.contains("move batch1's twin from failover1 (100% load) to backup1 (dry run"),
+        "{out}"
+    );
+    assert!(!journal(&lab).iter().any(|r| r.kind == K::TwinMove));
+    // Made by hand: stopped and confirmed stopped on failover1, then started on backup1, and
+    // the command returns once it heartbeats there. Never two batch1 QEMUs, sampled
+    // throughout; no new fence.
+    let fences = |recs: &[vigil::journal::Record]| {
+        recs.iter()
+            .filter(|r| r.node.as_deref() == Some("batch1") && r.kind == K::FenceBegin)
+            .count()
+    };
+    let fenced_once = fences(&journal(&lab));
+    let (code, out) = vigil_cli(&lab, &["rebalance"], &one_each);
+    assert_eq!(code, 0, "{out}\n{}", explain(&lab, "batch1", &app.out));
+    let recs = journal(&lab);
+    let at = |k: K, host: &str| {
+        recs.iter()
+            .position(|r| {
+                r.node.as_deref() == Some("batch1")
+                    && r.kind == k
+                    && (host.is_empty() || r.detail["host"] == host)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {k:?} on {host:?}\n{}",
+                    explain(&lab, "batch1", &app.out)
+                )
+            })
+    };
+    let (mv, stopped, started) = (
+        at(K::TwinMove, ""),
+        at(K::VmStopped, "failover1"),
+        recs.iter()
+            .rposition(|r| r.node.as_deref() == Some("batch1") && r.kind == K::VmStart)
+            .unwrap(),
+    );
+    assert!(
+        mv < stopped && stopped < started,
+        "{mv} {stopped} {started}"
+    );
+    let done = recs
+        .iter()
+        .rfind(|r| r.node.as_deref() == Some("batch1") && r.kind == K::VmHeartbeat)
+        .unwrap();
+    assert!(done.message.contains("move complete"), "{}", done.message);
+    assert!(done.detail["down_ms"].as_u64().unwrap() >= done.detail["boot_ms"].as_u64().unwrap());
+    assert_eq!(recs[started].detail["host"], "backup1");
+    assert_eq!(beats_from(&recs, "batch1"), ["failover1", "backup1"]);
+    assert_eq!(fences(&recs), fenced_once, "a move fenced batch1 again");
+    assert_eq!(twins(&lab, "batch1"), 1);
+    assert_eq!(qemus_on(&lab, "backup1"), 1);
+    wait_state(&lab, "batch1", "running-virtual", Duration::from_secs(10));
+    // Nothing more to move (failover1 at 50%).
+    let (_, st) = api(&lab, "GET", "/api/status", None);
+    assert!(st["rebalance"].is_null(), "{st}");
+    // Moves that are refused say why, and stop nothing: to where it runs; of a node with no
+    // twin; to a server that does not exist.
+    let (code, out) = vigil_cli(&lab, &["move", "db1", "--to", "failover1"], &one_each);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("already runs on failover1"), "{out}");
+    let (code, out) = vigil_cli(&lab, &["move", "web1", "--to", "backup1"], &one_each);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("only a twin that runs"), "{out}");
+    let (code, out) = vigil_cli(&lab, &["move", "db1", "--to", "nowhere"], &one_each);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("no failover or backup server named nowhere"),
+        "{out}"
+    );
+    assert_eq!(twins(&lab, "db1"), 1);
+    // The appliance crashes right after a moving twin is confirmed stopped: the restart starts
+    // it again (the fence still holds: no new fence), and never two.
+    app.stop();
+    let mut crashing = Appliance::start_env(
+        &lab,
+        "rebalance-crash",
+        &[("VIGIL_CRASH_AT", "move-stopped")],
+    );
+    wait_state(&lab, "batch1", "running-virtual", Duration::from_secs(60));
+    let t = token(&lab);
+    assert_eq!(
+        api(
+            &lab,
+            "POST",
+            "/api/nodes/batch1/move?to=failover1",
+            Some(&t)
+        )
+        .0,
+        202
+    );
+    let t0 = Instant::now();
+    while crashing.child.try_wait().unwrap().is_none() {
+        one_each();
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no crash at move-stopped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        twins(&lab, "batch1"),
+        0,
+        "the moving twin was confirmed stopped"
+    );
+    let mut app = Appliance::start(&lab, "rebalance-2");
+    let t0 = Instant::now();
+    while beats_from(&journal(&lab), "batch1").len() < 3 {
+        one_each();
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "batch1's twin was not started again after the crash\n{}",
+            explain(&lab, "batch1", &app.out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        fences(&journal(&lab)),
+        fenced_once,
+        "the restart fenced batch1 again"
+    );
+    assert_eq!(twins(&lab, "batch1"), 1);
+    wait_state(&lab, "batch1", "running-virtual", Duration::from_secs(10));
+    // By policy: the operator puts batch1 back on failover1 (loaded again), then turns
+    // rebalance = "auto" on (SIGHUP): after 2 s of the same proposal it is made by itself.
+    let (code, out) = vigil_cli(&lab, &["move", "batch1", "--to", "failover1"], &one_each);
+    assert_eq!(code, 0, "{out}\n{}", explain(&lab, "batch1", &app.out));
+    let n = beats_from(&journal(&lab), "batch1").len();
+    let cfg = lab.config_path();
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "[policy]\n",
+        "[policy]\nrebalance = \"auto\"\nrebalance_after = \"2s\"\n",
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &app.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t0 = Instant::now();
+    while beats_from(&journal(&lab), "batch1").len() <= n {
+        one_each();
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "no automatic rebalance\n{}",
+            explain(&lab, "batch1", &app.out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let recs = journal(&lab);
+    let auto = recs.iter().rfind(|r| r.kind == K::TwinMove).unwrap();
+    assert!(
+        auto.message
+            .contains("automatic rebalance: failover1 at 100% load"),
+        "{}",
+        auto.message
+    );
+    assert_eq!(beats_from(&recs, "batch1").last().unwrap(), "backup1");
+    assert_eq!(fences(&recs), fenced_once);
+    // Once balanced, it stays: no further move within a few proposals' time.
+    std::thread::sleep(Duration::from_secs(6));
+    let moves = journal(&lab)
+        .iter()
+        .filter(|r| r.kind == K::TwinMove)
+        .count();
+    assert_eq!(moves, recs.iter().filter(|r| r.kind == K::TwinMove).count());
+    for n in ["db1", "batch1"] {
+        check_log_invariants(&journal(&lab), n);
+        one_twin_at_a_time(&journal(&lab), n);
+        assert_eq!(twins(&lab, n), 1);
+    }
+    app.stop();
+}

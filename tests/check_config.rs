@@ -233,6 +233,56 @@ fn a_virtual_node_too_big_for_every_host_is_an_error() {
 }
 
 #[test]
+fn rebalancing_is_rack_wide_and_its_delay_only_counts_when_automatic() {
+    // Per node: an error at its line, pointing at [policy].
+    let (_d, p) = broken(|t| {
+        t.replacen(
+            "heartbeat_misses = 5\n",
+            "heartbeat_misses = 5\nrebalance = \"auto\"\n",
+            1,
+        )
+    });
+    let out = vigil().arg("check-config").arg(&p).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("rebalancing is a rack-wide choice and cannot be set per node"),
+        "{stderr}"
+    );
+    // A delay without "auto": a warning that says it does nothing.
+    let (_d, p) = broken(|t| t.replace("# rebalance_after = \"5m\"", "rebalance_after = \"2m\""));
+    let out = vigil().arg("check-config").arg(&p).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("`rebalance_after` has no effect while `rebalance = \"manual\"`"),
+        "{stderr}"
+    );
+    // "auto" with its delay, as the effective configuration shows it.
+    let (_d, p) = broken(|t| {
+        t.replace("rebalance = \"manual\"", "rebalance = \"auto\"")
+            .replace("# rebalance_after = \"5m\"", "rebalance_after = \"2m\"")
+    });
+    let out = vigil()
+        .args(["check-config", "--show"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["policy"]["rebalance"]["mode"], "auto");
+    assert_eq!(v["policy"]["rebalance"]["after"], "2m");
+    // The example's own choice: by hand.
+    let out = vigil()
+        .args(["check-config", "--show"])
+        .arg(example())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["policy"]["rebalance"]["mode"], "manual");
+}
+
+#[test]
 fn a_missing_file_is_a_clear_error() {
     let out = vigil()
         .args(["check-config", "/nonexistent/vigil.toml"])
@@ -299,6 +349,7 @@ fn the_readme_documents_every_key() {
         [
             "appliance.firmware_profiles_dir",
             "policy.failback_healthy_delay",
+            "policy.rebalance_after",
             "node.bmc.ca_file",
             "node.bmc.insecure_skip_verify",
         ]

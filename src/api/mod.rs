@@ -6,12 +6,13 @@
 //! | route | what |
 //! |---|---|
 //! | `GET /` | the operator page: the rack at a glance and each failover's timeline, drawn |
-//! | `GET /api/status` | nodes (state, verdict, evidence), hosts (capacity, twins), pause, readiness |
+//! | `GET /api/status` | nodes (state, verdict, evidence), hosts (capacity, twins), pause, readiness, the rebalance move proposed now |
 //! | `GET /api/log?node=N&limit=K` | the fencing log's last records |
 //! | `GET /api/events` | server-sent events: each fencing-log record as it is written |
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /api/pause`, `/api/resume` | all automation (token) |
 //! | `POST /api/nodes/{node}/maintenance`, `/resume`, `/failover`, `/failback` | one node (token) |
+//! | `POST /api/nodes/{node}/move?to=HOST` | move the node's running twin to that failover or backup server (token) |
 //! | `POST /api/nodes/{node}/ack-off` | `{"by": "...", "reason": "..."}`: the node is off (token) |
 //!
 //! Actions need `Authorization: Bearer <token>` with the token of `appliance.api_token`; without
@@ -85,13 +86,23 @@ async fn send(app: &App, headers: &HeaderMap, c: Command) -> Response {
         Command::Maintenance(n, _)
         | Command::Failover(n)
         | Command::Failback(n)
-        | Command::FailbackReplacement(n) => Some(n),
+        | Command::FailbackReplacement(n)
+        | Command::Move { node: n, .. } => Some(n),
         _ => None,
     } && app.cfg.node(n).is_none()
     {
         return (
             StatusCode::NOT_FOUND,
             Json(json!({ "error": format!("no node named {n}") })),
+        )
+            .into_response();
+    }
+    if let Command::Move { to, .. } = &c
+        && !app.cfg.hosts.iter().any(|h| h.name == *to)
+    {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("no failover or backup server named {to}") })),
         )
             .into_response();
     }
@@ -117,6 +128,12 @@ async fn send(app: &App, headers: &HeaderMap, c: Command) -> Response {
         )
             .into_response(),
     }
+}
+
+/// `POST /api/nodes/NODE/move?to=HOST`: where the twin goes.
+#[derive(Deserialize)]
+struct MoveQuery {
+    to: String,
 }
 
 /// `POST /api/nodes/NODE/failback?accept_profile=true`: to a replacement server.
@@ -280,6 +297,17 @@ pub async fn serve(
                 post(
                     |State(a): State<App>, h: HeaderMap, Path(n): Path<String>| async move {
                         send(&a, &h, Command::Failover(n)).await
+                    },
+                ),
+            )
+            .route(
+                "/api/nodes/{node}/move",
+                post(
+                    |State(a): State<App>,
+                     h: HeaderMap,
+                     Path(n): Path<String>,
+                     Query(q): Query<MoveQuery>| async move {
+                        send(&a, &h, Command::Move { node: n, to: q.to }).await
                     },
                 ),
             )

@@ -1,4 +1,5 @@
-//! `vigil run`, `vigil status`, `vigil failover`, `vigil failback`.
+//! `vigil run`, `vigil status`, `vigil failover`, `vigil failback`, `vigil move`,
+//! `vigil rebalance`.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -265,4 +266,108 @@ pub(super) fn failback(file: &Path, node: &str, accept_profile: bool) -> anyhow:
         "healthy",
         Duration::from_secs(900),
     )
+}
+
+/// Asks the running appliance to move `node`'s twin to `to`, and follows the fencing log until
+/// the twin heartbeats again (exit 0 if on `to`), or the move is refused (exit 1, with why).
+fn move_through_api(cfg: &config::Config, node: &str, to: &str) -> anyhow::Result<u8> {
+    let seen = api(cfg, "GET", &format!("/api/log?node={node}&limit=1"), None)
+        .ok()
+        .and_then(|(_, v)| v.as_array()?.last()?["seq"].as_u64())
+        .unwrap_or(0);
+    let (code, v) = api(
+        cfg,
+        "POST",
+        &format!("/api/nodes/{node}/move?to={to}"),
+        None,
+    )?;
+    if code != 202 {
+        bail!("the appliance refused: {v}");
+    }
+    let t0 = Instant::now();
+    let mut said = seen;
+    let mut unanswered = 0;
+    while t0.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(300));
+        let Ok((_, log)) = api(cfg, "GET", &format!("/api/log?node={node}&limit=50"), None) else {
+            unanswered += 1;
+            if unanswered >= 30 {
+                eprintln!(
+                    "the appliance stopped answering during the move; when it is back, see `vigil log --node {node}` (a restart finishes the move: it starts the twin again where there is room)"
+                );
+                return Ok(1);
+            }
+            continue;
+        };
+        unanswered = 0;
+        for r in log.as_array().into_iter().flatten() {
+            let Some(seq) = r["seq"].as_u64().filter(|q| *q > said) else {
+                continue;
+            };
+            said = seq;
+            let kind = r["kind"].as_str().unwrap_or_default();
+            let msg = r["message"].as_str().unwrap_or_default();
+            eprintln!("{:>6.1}s  {kind}: {msg}", t0.elapsed().as_secs_f64());
+            if kind == "refusal" && msg.starts_with("move of") {
+                eprintln!("refused; see `vigil log --node {node}`");
+                return Ok(1);
+            }
+            if kind == "vm-heartbeat" {
+                let host = r["detail"]["host"].as_str().unwrap_or_default();
+                if host == to {
+                    return Ok(0);
+                }
+                eprintln!(
+                    "{node}'s twin runs on {host}, not {to}: the move did not go where asked; see `vigil log --node {node}`"
+                );
+                return Ok(1);
+            }
+        }
+    }
+    eprintln!("{node}'s twin did not heartbeat again within 300 s; see `vigil log --node {node}`");
+    Ok(1)
+}
+
+pub(super) fn move_twin(file: &Path, node: &str, to: &str) -> anyhow::Result<u8> {
+    let (cfg, _, _) = config::load(file)?;
+    cfg.node(node)
+        .with_context(|| format!("no node named {node} in {}", file.display()))?;
+    if !cfg.hosts.iter().any(|h| h.name == to) {
+        bail!(
+            "no failover or backup server named {to} in {}",
+            file.display()
+        );
+    }
+    move_through_api(&cfg, node, to)
+}
+
+pub(super) fn rebalance(file: &Path, dry_run: bool) -> anyhow::Result<u8> {
+    let (cfg, _, _) = config::load(file)?;
+    let (code, v) = api(&cfg, "GET", "/api/status", None)?;
+    if code != 200 {
+        bail!("the API answered {code}: {v}");
+    }
+    let m = &v["rebalance"];
+    let (Some(node), Some(from), Some(to)) =
+        (m["node"].as_str(), m["from"].as_str(), m["to"].as_str())
+    else {
+        println!(
+            "nothing to move: no healthy failover server is past {:.0}% load with a healthy backup server able to take one of its twins",
+            crate::placement::LOADED * 100.0
+        );
+        return Ok(0);
+    };
+    println!(
+        "move {node}'s twin from {from} ({:.0}% load) to {to}{}",
+        m["load"].as_f64().unwrap_or(0.0) * 100.0,
+        if dry_run {
+            " (dry run: nothing done)"
+        } else {
+            ""
+        }
+    );
+    if dry_run {
+        return Ok(0);
+    }
+    move_through_api(&cfg, node, to)
 }

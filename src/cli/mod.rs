@@ -133,6 +133,29 @@ pub enum Command {
         #[arg(long)]
         accept_profile: bool,
     },
+    /// Move a node's running twin to another failover or backup server, through the running
+    /// appliance: stopped and confirmed stopped where it runs, then started there (an outage for
+    /// its workload from the stop to the new twin's first heartbeat).
+    Move {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The node whose twin moves.
+        node: String,
+        /// The failover or backup server it goes to.
+        #[arg(long)]
+        to: String,
+    },
+    /// Make the rebalance move the running appliance proposes (a twin off a failover server past
+    /// its load mark, to a backup server), or show it (--dry-run).
+    Rebalance {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Show the proposed move; do nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Fence a node by hand (confirmed power-off), show the plan (--dry-run), or record an
     /// operator's confirmation that it is off (--ack-off).
     Fence {
@@ -237,6 +260,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             node,
             accept_profile,
         } => daemon::failback(&config, &node, accept_profile),
+        Command::Move { config, node, to } => daemon::move_twin(&config, &node, &to),
+        Command::Rebalance { config, dry_run } => daemon::rebalance(&config, dry_run),
         Command::Watch {
             config,
             node,

@@ -61,6 +61,8 @@ pub mod defaults {
     pub const STORM_MAX_FRACTION: f64 = 0.5;
     /// An automatic failback waits for the node to be healthy this long.
     pub const FAILBACK_HEALTHY_DELAY: Duration = Duration::from_secs(300);
+    /// How long a rebalance move must stand before `rebalance = "auto"` makes it.
+    pub const REBALANCE_AFTER: Duration = Duration::from_secs(300);
     /// A node that fails again this soon after failback stays on its virtual twin.
     pub const QUARANTINE: Duration = Duration::from_secs(3600);
 }
@@ -187,6 +189,22 @@ pub enum Failback {
     },
 }
 
+/// Whether running twins are moved off a loaded failover server to a backup server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum Rebalance {
+    /// Only on `vigil rebalance` or `vigil move` (a move stops the twin: an outage for its
+    /// workload, which an operator times).
+    Manual,
+    /// Automatically, once the same move has stood for `after`.
+    Auto {
+        /// How long a failover server must stay loaded, with a backup server able to take the
+        /// twin, before the move is made.
+        #[serde(with = "humantime_serde_compat")]
+        after: Duration,
+    },
+}
+
 /// How a virtual node's CPU is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -253,6 +271,8 @@ pub struct Policy {
     /// Keep a paused twin of every watched node ready on the host placement picks for it, so
     /// that a failover resumes it instead of starting QEMU (rack-wide only).
     pub precreate_twins: bool,
+    /// Whether twins are moved off loaded failover servers by themselves (rack-wide only).
+    pub rebalance: Rebalance,
 }
 
 impl Policy {
@@ -285,6 +305,7 @@ impl Default for Policy {
             quarantine: defaults::QUARANTINE,
             cpu_model: CpuPolicy::Named,
             precreate_twins: false,
+            rebalance: Rebalance::Manual,
         }
     }
 }

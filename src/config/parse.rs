@@ -349,6 +349,24 @@ fn parse_policy(
         if let Some(v) = t.boolean(d, "precreate_twins") {
             p.precreate_twins = v.into_inner();
         }
+        let rebalance = t.choice(d, "rebalance", &["manual", "auto"]);
+        let after = t.duration(d, "rebalance_after").map(Spanned::into_inner);
+        p.rebalance = match rebalance.as_ref().map(|r| *r.get_ref()) {
+            Some("auto") => Rebalance::Auto {
+                after: after.unwrap_or(defaults::REBALANCE_AFTER),
+            },
+            _ => Rebalance::Manual,
+        };
+        if after.is_some() && p.rebalance == Rebalance::Manual {
+            t.report(
+                d,
+                Severity::Warning,
+                t.span_of("rebalance_after"),
+                "rebalance_after",
+                "`rebalance_after` has no effect while `rebalance = \"manual\"`",
+                Some("set `rebalance = \"auto\"` or remove it".into()),
+            );
+        }
         if let Some(s) = t.table(d, "storm_guard") {
             if let Some(v) = s.integer(d, "max_concurrent_failovers", 1..=10_000) {
                 p.storm_guard.max_concurrent_failovers = *v.get_ref() as u32;
@@ -379,6 +397,19 @@ fn parse_policy(
             "pre-created twins are a rack-wide choice and cannot be set per node",
             Some("move it to [policy]".into()),
         );
+    }
+    for key in ["rebalance", "rebalance_after"] {
+        if !rack_level && let Some(span) = t.span_of(key) {
+            t.raw(key);
+            t.report(
+                d,
+                Severity::Error,
+                Some(span),
+                key,
+                "rebalancing is a rack-wide choice and cannot be set per node",
+                Some("move it to [policy]".into()),
+            );
+        }
     }
     if !rack_level && let Some(span) = t.span_of("storm_guard") {
         // Mark it known so `finish` does not call it unknown; say why it does not belong here.

@@ -9,10 +9,13 @@
 //! appliance crashed after starting it) is adopted, never doubled; a twin of an older epoch is
 //! stopped and confirmed stopped first. [`failback`] stops the twin, confirms it stopped, and
 //! only then powers the physical node on and waits for its heartbeat: the two never run at once.
+//! [`move_twin`] moves a running twin to another host (a rebalance or an operator's move): the
+//! destination reserved, the twin stopped and confirmed stopped, then started there by
+//! [`failover`] with the node's fence still holding.
 //!
 //! Scope: one job. When to run one is the state machine's; concurrency is the runtime's.
 //!
-//! Key types: [`Env`], [`failover`], [`failback`], [`JobEnd`].
+//! Key types: [`Env`], [`failover`], [`failback`], [`move_twin`], [`JobEnd`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,7 +29,7 @@ use crate::clock::Clock;
 use crate::config::{Config, HostConfig, NodeConfig, ProfileSet};
 use crate::fencing::{self, FenceOutcome};
 use crate::journal::{Journal, RecordKind};
-use crate::model::HardwareProfile;
+use crate::model::{HardwareProfile, Millis};
 use crate::monitor::TwinBeat;
 use crate::placement::{self, Decision, HostView, Placed, Request};
 use crate::supervisor::fsm::Step;
@@ -195,6 +198,37 @@ impl Env {
             .map(|(_, (_, p))| p.clone())
             .collect();
         (running, waiting)
+    }
+
+    /// The move placement proposes now ([`placement::rebalance`]): only twins `movable` allows,
+    /// and only between hosts `sound` says are judged healthy now (not merely "not failed": a
+    /// move is planned work, never made toward or away from a host in doubt).
+    pub fn rebalance_proposal(
+        &self,
+        movable: &dyn Fn(&Placed) -> bool,
+        sound: &dyn Fn(&str) -> bool,
+    ) -> Option<placement::Move> {
+        let views: Vec<HostView> = self
+            .host_views()
+            .into_iter()
+            .map(|mut v| {
+                v.healthy &= sound(&v.name);
+                v
+            })
+            .collect();
+        let placed = self
+            .placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let waiting: Vec<Placed> = self
+            .standby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|(_, p)| p.clone())
+            .collect();
+        placement::rebalance(&views, &placed, &waiting, movable)
     }
 
     /// Claims a paused twin for a resume or a removal: false if another job holds it.
@@ -652,6 +686,7 @@ pub async fn failover(
     epoch: u64,
     fenced: bool,
     why: &str,
+    moving: Option<(&str, Millis)>,
     progress: &(dyn Fn(Step) + Send + Sync),
 ) -> Result<String, JobEnd> {
     let node = env
@@ -843,7 +878,16 @@ pub async fn failover(
                 }
             }
             let (running, waiting) = env.occupied(node_name);
-            let choice = match placement::choose_with(&req, &views, &running, &waiting) {
+            // A move's destination first, if it can take the twin now; where placement would
+            // put it otherwise (the twin is stopped already: it must run somewhere).
+            let preferred = moving.and_then(|(p, _)| {
+                let here: Vec<HostView> = views.iter().filter(|v| v.name == p).cloned().collect();
+                placement::choose_with(&req, &here, &running, &waiting).ok()
+            });
+            let choice = match preferred.map_or_else(
+                || placement::choose_with(&req, &views, &running, &waiting),
+                Ok,
+            ) {
                 Ok(d) => Ok(d),
                 // Other nodes' paused twins give way to a failed node's: placed by what runs,
                 // then room is made on that host.
@@ -1008,15 +1052,26 @@ pub async fn failover(
     loop {
         let r = tokio::time::timeout_at(deadline, twin_beats.recv()).await;
         match r {
-            Ok(Ok(b)) if b.node == node_name && b.epoch == epoch => {
+            // (A beat that arrived before this boot began is an older twin's of the same epoch,
+            // one that a move or a twin loss just stopped: not this one's.)
+            Ok(Ok(b)) if b.node == node_name && b.epoch == epoch && b.at >= boot_started => {
                 let now = env.clock.now();
-                env.log(
-                    node_name,
-                    RecordKind::VmHeartbeat,
-                    Some(epoch),
-                    format!("{}'s twin heartbeats from {host_name} under epoch {epoch}: failover complete ({} ms from start, {} ms from the confirmed fence, boot {} ms)", node_name, now - started, now - fenced_at, now - boot_started),
-                    json!({ "host": host_name, "vm": vm.name, "total_ms": now - started, "fence_ms": fenced_at - started, "boot_ms": now - boot_started }),
-                )?;
+                match moving {
+                    Some((_, down)) => env.log(
+                        node_name,
+                        RecordKind::VmHeartbeat,
+                        Some(epoch),
+                        format!("{node_name}'s twin heartbeats from {host_name} under epoch {epoch}: move complete (its workload was down {} ms, from the stop to this heartbeat; boot {} ms)", now.saturating_sub(down), now - boot_started),
+                        json!({ "host": host_name, "vm": vm.name, "down_ms": now.saturating_sub(down), "boot_ms": now - boot_started, "moved": true }),
+                    )?,
+                    None => env.log(
+                        node_name,
+                        RecordKind::VmHeartbeat,
+                        Some(epoch),
+                        format!("{}'s twin heartbeats from {host_name} under epoch {epoch}: failover complete ({} ms from start, {} ms from the confirmed fence, boot {} ms)", node_name, now - started, now - fenced_at, now - boot_started),
+                        json!({ "host": host_name, "vm": vm.name, "total_ms": now - started, "fence_ms": fenced_at - started, "boot_ms": now - boot_started }),
+                    )?,
+                }
                 return Ok(host_name);
             }
             Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
@@ -1047,6 +1102,149 @@ pub async fn failover(
                 return Err(JobEnd::Stalled(format!("{} sent no heartbeat", vm.name)));
             }
         }
+    }
+}
+
+/// How a move ended.
+#[derive(Debug)]
+pub enum MoveEnd {
+    /// The twin runs and heartbeats on this host: the destination, another host placement chose
+    /// once the twin was stopped, or the host it never left (the move was refused before
+    /// anything was stopped, and the log says why).
+    Runs(String),
+    /// The twin was stopped, or may have been, and none runs elsewhere yet: retried as a
+    /// failover whose fence still holds.
+    Stalled(JobEnd),
+}
+
+/// Moves `node_name`'s running twin (epoch `epoch`) from `from` to `to`: a rebalance, or an
+/// operator's `vigil move`. The destination's room is checked and reserved first (the twin
+/// counts on both hosts meanwhile), so a refused move stops nothing. Then the twin is stopped
+/// (ACPI, then forced) and confirmed stopped where it runs, logged `vm-stopped`, and only then
+/// started on `to` by [`failover`] with the node's fence still holding (same epoch, no new
+/// fence): the node never has two twins at once, and the workload is down from the stop to the
+/// new twin's first heartbeat.
+pub async fn move_twin(
+    env: &Env,
+    node_name: &str,
+    epoch: u64,
+    from: &str,
+    to: &str,
+    why: &str,
+    progress: &(dyn Fn(Step) + Send + Sync),
+) -> MoveEnd {
+    let refuse = |reason: String| {
+        let msg = format!("move of {node_name}'s twin from {from} to {to} refused: {reason}");
+        let _ = env.log(
+            node_name,
+            RecordKind::Refusal,
+            Some(epoch),
+            msg,
+            json!({ "from": from, "to": to }),
+        );
+        MoveEnd::Runs(from.to_string())
+    };
+    let Some(node) = env.cfg.node(node_name).cloned() else {
+        return refuse(format!("{node_name} is not a configured node"));
+    };
+    let (Some(hv_from), Some(hv_to)) = (env.hypervisors.get(from), env.hypervisors.get(to)) else {
+        return refuse(format!(
+            "{to} is not a failover or backup server with a hypervisor"
+        ));
+    };
+    let Some(req) = recorded_request(&node) else {
+        return refuse("the node's recorded hardware profile cannot be read".into());
+    };
+    let vm = vm_name(node_name, epoch);
+    match hv_from.status(&vm).await {
+        VmState::Running => {}
+        st => return refuse(format!("{vm} reads back {st:?} on {from}, not running")),
+    }
+    if hv_to.list_checked().await.is_err() {
+        return refuse(format!("{to}'s hypervisor cannot be read"));
+    }
+    // The destination's room, checked and taken in one step as a failover does (paused twins,
+    // then what runs, locked in that order). The node keeps its place on `from` until its twin
+    // there is confirmed stopped.
+    let here: Vec<HostView> = env
+        .host_views()
+        .into_iter()
+        .filter(|v| v.name == to)
+        .collect();
+    let taken = {
+        let standby = env.standby.lock().unwrap_or_else(|p| p.into_inner());
+        let mut placed = env.placed.lock().unwrap_or_else(|p| p.into_inner());
+        let others: Vec<Placed> = placed
+            .iter()
+            .filter(|p| p.node != node_name)
+            .cloned()
+            .collect();
+        let waiting: Vec<Placed> = standby
+            .iter()
+            .filter(|(n, _)| n.as_str() != node_name)
+            .map(|(_, (_, p))| p.clone())
+            .collect();
+        match placement::choose_with(&req, &here, &others, &waiting) {
+            Ok(_) => {
+                placed.push(Placed::of(&req, to));
+                Ok(())
+            }
+            Err(refusal) => Err(refusal),
+        }
+    };
+    if let Err(refusal) = taken {
+        return refuse(format!("{to} cannot take it ({refusal})"));
+    }
+    if let Err(e) = env.log(
+        node_name,
+        RecordKind::TwinMove,
+        Some(epoch),
+        format!("{node_name}'s twin moves from {from} to {to} ({why}): it is stopped on {from}, confirmed stopped, then started on {to}"),
+        json!({ "vm": vm, "from": from, "to": to, "why": why }),
+    ) {
+        env.placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| !(p.node == node_name && p.host == to));
+        return MoveEnd::Stalled(e);
+    }
+    // The workload is down from here until the twin's first heartbeat on `to`.
+    let down = env.clock.now();
+    let stopped = match hv_from.stop(&vm, STOP_GRACE).await {
+        Ok(()) => hv_from.destroy(&vm).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = stopped {
+        // It may still run: the failover that retries this finds it and adopts it where it
+        // runs, or stops it first.
+        let _ = env.log(
+            node_name,
+            RecordKind::FailoverFailed,
+            Some(epoch),
+            format!("{vm} on {from} could not be confirmed stopped for its move ({e}); nothing is started on {to}"),
+            // ("stopped": false: the log must not count it stopped.)
+            json!({ "vm": vm, "host": from, "error": e.to_string(), "stopped": false }),
+        );
+        return MoveEnd::Stalled(JobEnd::Stalled(e.to_string()));
+    }
+    if let Err(e) = env.log(
+        node_name,
+        RecordKind::VmStopped,
+        Some(epoch),
+        format!("stopped {vm} on {from} and confirmed it stopped, for its move to {to}"),
+        json!({ "vm": vm, "host": from }),
+    ) {
+        return MoveEnd::Stalled(e);
+    }
+    // It runs on `from` no more: only the destination's reservation stays.
+    env.placed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|p| !(p.node == node_name && p.host == from));
+    super::fence::crash_point("move-stopped");
+    match failover(env, node_name, epoch, true, why, Some((to, down)), progress).await {
+        Ok(host) => MoveEnd::Runs(host),
+        Err(e) => MoveEnd::Stalled(e),
     }
 }
 

@@ -74,6 +74,13 @@ pub enum Command {
         /// Why.
         reason: String,
     },
+    /// Move a node's running twin to another host.
+    Move {
+        /// The node.
+        node: String,
+        /// The failover or backup server it goes to.
+        to: String,
+    },
     /// Pause all automation.
     Pause,
     /// Resume automation.
@@ -129,6 +136,10 @@ pub struct Status {
     pub heartbeats_refused: u64,
     /// Heartbeats accepted.
     pub heartbeats_accepted: u64,
+    /// The rebalance move placement proposes now (a failover server past its load mark and a
+    /// backup server that can take one of its twins), made by `vigil rebalance`, or by itself
+    /// with `rebalance = "auto"` once it has stood for `rebalance_after`.
+    pub rebalance: Option<crate::placement::Move>,
 }
 
 /// Shared between the loop and the API.
@@ -174,6 +185,8 @@ enum JobResult {
     StandbyCheck(String, u64, String),
     /// A refence (a node powered on beside its twin) ended.
     Refenced(String, Result<(), String>),
+    /// A move of a running twin ended.
+    Moved(String, jobs::MoveEnd),
 }
 
 /// How often each pre-created twin is read back from its hypervisor.
@@ -660,6 +673,8 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let mut refencing: std::collections::HashSet<String> = std::collections::HashSet::new();
     // Since when each failover or backup server has been judged isolated (its grace).
     let mut host_isolated_since: HashMap<String, Millis> = HashMap::new();
+    // The rebalance move placement proposes, and since when it has stood unchanged.
+    let mut proposal: Option<(crate::placement::Move, Millis)> = None;
     // Nodes whose next failback moves to a replacement server, accepted by an operator.
     let mut accept_profile: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -731,6 +746,9 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         (n, Input::FailbackDone)
                     }
                     JobResult::Failback(n, Err(reason)) => (n, Input::FailbackFailed { reason }),
+                    JobResult::Moved(n, jobs::MoveEnd::Runs(host)) => (n, Input::TwinMoved { host }),
+                    JobResult::Moved(n, jobs::MoveEnd::Stalled(JobEnd::FencePending)) => (n, Input::FencePending),
+                    JobResult::Moved(n, jobs::MoveEnd::Stalled(JobEnd::Stalled(reason))) => (n, Input::FailoverStalled { reason }),
                     JobResult::Refenced(n, r) => {
                         refencing.remove(&n);
                         if let Err(e) = r { tracing::error!(node = %n, error = %e, "the refence failed: tried again while the node reads on"); }
@@ -791,7 +809,8 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     JobResult::TwinLost(n, epoch, host, read) => {
                         twin_checks.remove(&n);
                         // Only if it is still that twin that is supposed to run.
-                        let current = matches!(rack.nodes.get(&n).map(|x| &x.phase), Some(Phase::RunningVirtual { epoch: e, .. }) if *e == epoch);
+                        // (The same epoch on another host is the same twin moved since.)
+                        let current = matches!(rack.nodes.get(&n).map(|x| &x.phase), Some(Phase::RunningVirtual { epoch: e, host: h, .. }) if *e == epoch && *h == host);
                         if !current || read.is_empty() {
                             continue;
                         }
@@ -826,6 +845,14 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         pending.extend(act(&n, Input::Maintenance(on), &mut rack));
                     }
                     Command::Failover(n) => pending.extend(act(&n, Input::FailoverNow, &mut rack)),
+                    Command::Move { node, to } => {
+                        if cfg.hosts.iter().any(|h| h.name == to) {
+                            append(&journal, Some(&node), RecordKind::Operator, None, format!("{node}: move of its twin to {to} requested by an operator"), json!({ "to": to }));
+                            pending.extend(act(&node, Input::Move { to, why: "asked by an operator".into() }, &mut rack));
+                        } else {
+                            append(&journal, Some(&node), RecordKind::Refusal, None, format!("move of {node}'s twin to {to} refused: {to} is not a failover or backup server"), json!({ "to": to }));
+                        }
+                    }
                     Command::Failback(n) => pending.extend(act(&n, Input::FailbackNow, &mut rack)),
                     Command::FailbackReplacement(n) => {
                         append(&journal, Some(&n), RecordKind::Operator, None, format!("{n}: failback to the server now in its place requested, its hardware accepted even where it differs from the recorded profile"), serde_json::Value::Null);
@@ -884,6 +911,41 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     last_twin_check = now;
                     let c = mon.counts;
                     tracing::debug!(passes = c.passes, evaluations = c.evaluations, whole_rack = c.whole_rack, sleeping = mon.sleeping(), "monitor");
+                    // Rebalancing: what placement proposes now, among twins whose node only
+                    // runs virtual (no job under way) and hosts judged healthy; made here once it
+                    // has stood for `rebalance_after` with `rebalance = "auto"`, one move at a
+                    // time, and never while any node is in the middle of a failover, a fence or
+                    // a failback (a move is planned work: it waits for a calm rack).
+                    let fresh = env.rebalance_proposal(
+                        &|p| matches!(rack.nodes.get(&p.node).map(|x| &x.phase), Some(Phase::RunningVirtual { host, .. }) if *host == p.host),
+                        &|h| mon.current(h).is_some_and(|d| d.kind == Kind::Healthy),
+                    );
+                    proposal = match (fresh, proposal.take()) {
+                        (Some(m), Some((old, since))) if old.node == m.node && old.from == m.from && old.to == m.to => Some((m, since)),
+                        (Some(m), _) => Some((m, now)),
+                        (None, _) => None,
+                    };
+                    let calm = rack.nodes.values().all(|x| matches!(x.phase, Phase::Watching | Phase::Maintenance | Phase::RunningVirtual { .. }));
+                    if let (config::Rebalance::Auto { after }, Some((m, since))) = (policy.rebalance, &proposal)
+                        && policy.mode == Mode::Act
+                        && !rack.paused
+                        && calm
+                        && now.saturating_sub(*since) >= after.as_millis() as Millis
+                    {
+                        let why = format!(
+                            "automatic rebalance: {} at {:.0}% load, past the {:.0}% mark, for {}",
+                            m.from,
+                            m.load * 100.0,
+                            crate::placement::LOADED * 100.0,
+                            humantime::format_duration(after)
+                        );
+                        let (n, to) = (m.node.clone(), m.to.clone());
+                        proposal = None;
+                        status_full = true;
+                        if let Some(x) = rack.nodes.get_mut(&n) {
+                            pending.extend(x.step(Input::Move { to, why }, now, &policy, &deadlines));
+                        }
+                    }
                     let silent_after = policy.heartbeat_timeout().as_millis() as Millis * 2;
                     for (n, x) in &rack.nodes {
                         let Phase::RunningVirtual { epoch, host, since } = &x.phase else { continue };
@@ -1111,8 +1173,28 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         let progress = move |s: Step| {
                             let _ = ptx.send(JobResult::Progress(n2.clone(), s));
                         };
-                        let r = jobs::failover(&env, &node, epoch, fenced, &why, &progress).await;
+                        let r =
+                            jobs::failover(&env, &node, epoch, fenced, &why, None, &progress).await;
                         let _ = jtx.send(JobResult::Failover(node, r));
+                    });
+                }
+                Action::MoveTwin {
+                    node,
+                    epoch,
+                    from,
+                    to,
+                    why,
+                } => {
+                    tracing::warn!(node = %node, epoch, from = %from, to = %to, why = %why, "the twin moves");
+                    jobs.spawn(async move {
+                        let n2 = node.clone();
+                        let ptx = jtx.clone();
+                        let progress = move |s: Step| {
+                            let _ = ptx.send(JobResult::Progress(n2.clone(), s));
+                        };
+                        let r =
+                            jobs::move_twin(&env, &node, epoch, &from, &to, &why, &progress).await;
+                        let _ = jtx.send(JobResult::Moved(node, r));
                     });
                 }
                 Action::StartFailback { node, epoch } => {
@@ -1309,6 +1391,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     .counters
                     .accepted
                     .load(std::sync::atomic::Ordering::Relaxed),
+                rebalance: proposal.as_ref().map(|(m, _)| m.clone()),
             };
             shared.metrics.update(&status);
             *shared.status.write().unwrap_or_else(|p| p.into_inner()) = status;

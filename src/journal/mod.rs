@@ -74,6 +74,9 @@ pub enum RecordKind {
     Refusal,
     /// A running twin was found dead or hung: it is stopped and replaced on another host.
     TwinLost,
+    /// A running twin moves to another host (a rebalance, or an operator's move): it is stopped
+    /// and confirmed stopped where it runs, then started on the other host under the same epoch.
+    TwinMove,
     /// A twin was pre-created, paused before its first instruction, for the node's next
     /// failover (its epoch reserved): it runs nothing until that failover, after the fence is
     /// confirmed, resumes it.

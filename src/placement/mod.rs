@@ -271,27 +271,55 @@ pub fn after_host_loss(
     out
 }
 
-/// A move that brings a loaded failover server back under [`LOADED`]: the smallest twin that a
-/// backup server can take, if any.
-pub fn rebalance(hosts: &[HostView], placed: &[Placed]) -> Option<(String, String, String)> {
+/// A running twin to move to another host (a rebalance).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Move {
+    /// The node whose twin moves.
+    pub node: String,
+    /// The host it runs on now.
+    pub from: String,
+    /// The host it goes to.
+    pub to: String,
+    /// The loaded host's relative load now (vCPUs, memory or slots, the highest).
+    pub load: f64,
+}
+
+/// A move that takes load off a failover server past [`LOADED`]: its smallest twin that
+/// `movable` allows (one whose node is not in the middle of something) and a healthy backup
+/// server can take, counting the twins that run (`placed`) and the paused ones that wait
+/// (`waiting`), as a failover would. `None` when no failover server is past the mark or no
+/// backup server can take any of its twins. Moves only ever go from failover servers to backup
+/// servers, so two proposals can never undo each other.
+pub fn rebalance(
+    hosts: &[HostView],
+    placed: &[Placed],
+    waiting: &[Placed],
+    movable: &dyn Fn(&Placed) -> bool,
+) -> Option<Move> {
+    let backups: Vec<HostView> = hosts
+        .iter()
+        .filter(|b| b.role == HostRole::Backup)
+        .cloned()
+        .collect();
     for h in hosts
         .iter()
         .filter(|h| h.role == HostRole::Failover && h.healthy)
     {
-        if load(&h.capacity, used(&h.name, placed)) <= LOADED {
+        let l = load(&h.capacity, used(&h.name, placed));
+        if l <= LOADED {
             continue;
         }
-        let mut mine: Vec<&Placed> = placed.iter().filter(|p| p.host == h.name).collect();
-        mine.sort_by_key(|p| (p.vcpus, p.memory_bytes));
+        let mut mine: Vec<&Placed> = placed
+            .iter()
+            .filter(|p| p.host == h.name && movable(p))
+            .collect();
+        mine.sort_by(|a, b| {
+            (a.vcpus, a.memory_bytes, &a.node).cmp(&(b.vcpus, b.memory_bytes, &b.node))
+        });
         for p in mine {
             let others: Vec<Placed> = placed
                 .iter()
                 .filter(|x| x.node != p.node)
-                .cloned()
-                .collect();
-            let backups: Vec<HostView> = hosts
-                .iter()
-                .filter(|b| b.role == HostRole::Backup)
                 .cloned()
                 .collect();
             let req = Request {
@@ -300,8 +328,13 @@ pub fn rebalance(hosts: &[HostView], placed: &[Placed]) -> Option<(String, Strin
                 vcpus: p.vcpus,
                 memory_bytes: p.memory_bytes,
             };
-            if let Ok(Decision::Place { host }) = choose(&req, &backups, &others) {
-                return Some((p.node.clone(), h.name.clone(), host));
+            if let Ok(Decision::Place { host }) = choose_with(&req, &backups, &others, waiting) {
+                return Some(Move {
+                    node: p.node.clone(),
+                    from: h.name.clone(),
+                    to: host,
+                    load: l,
+                });
             }
         }
     }
@@ -336,6 +369,17 @@ mod tests {
             vcpus,
             memory_bytes: gib * GIB,
         }
+    }
+
+    /// Whether `r` fits on `h` by capacity and isolation group alone (however loaded).
+    fn placement_fits(h: &HostView, placed: &[Placed], r: &Request) -> bool {
+        let u = used(&h.name, placed);
+        u.vcpus + r.vcpus <= h.capacity.vcpus
+            && u.memory + r.memory_bytes <= h.capacity.memory_bytes
+            && u.slots < h.capacity.slots
+            && placed
+                .iter()
+                .all(|p| p.host != h.name || p.group == r.group)
     }
 
     fn place(r: &Request, host: &str) -> Placed {
@@ -411,10 +455,37 @@ mod tests {
             place(&req("a", "g", 2, 1), "fo"),
             place(&req("b", "g", 2, 1), "fo"),
         ];
+        let all = |_: &Placed| true;
+        let m = rebalance(&hosts, &placed, &[], &all).unwrap();
         assert_eq!(
-            rebalance(&hosts, &placed),
-            Some(("a".into(), "fo".into(), "bk".into()))
+            (m.node.as_str(), m.from.as_str(), m.to.as_str()),
+            ("a", "fo", "bk")
         );
+        assert!((m.load - 1.0).abs() < 1e-9, "{m:?}");
+        // A twin whose node is busy (failing back, say) is not moved: the other one is.
+        let m = rebalance(&hosts, &placed, &[], &|p: &Placed| p.node != "a").unwrap();
+        assert_eq!(m.node, "b");
+        // Paused twins on the backup server take its room: with none left, no move.
+        let waiting = vec![
+            place(&req("w1", "x", 4, 1), "bk"),
+            place(&req("w2", "x", 4, 1), "bk"),
+        ];
+        assert_eq!(rebalance(&hosts, &placed, &waiting, &all), None);
+        // An unhealthy backup server takes nothing; a failover server at the mark is left.
+        let sick = [
+            hosts[0].clone(),
+            HostView {
+                healthy: false,
+                ..hosts[1].clone()
+            },
+        ];
+        assert_eq!(rebalance(&sick, &placed, &[], &all), None);
+        let one = vec![place(&req("a", "g", 2, 1), "fo")];
+        assert_eq!(rebalance(&hosts, &one, &[], &all), None);
+        // The backup server runs another isolation group: not there.
+        let mut other = placed;
+        other.push(place(&req("c", "h", 1, 1), "bk"));
+        assert_eq!(rebalance(&hosts, &other, &[], &all), None);
     }
 
     #[test]
@@ -446,6 +517,55 @@ mod tests {
     }
 
     proptest! {
+        /// Rebalancing until nothing is proposed: it ends, every move goes from a failover
+        /// server past the mark to a backup server, and no host is ever over capacity or mixes
+        /// isolation groups on the way, paused twins counted.
+        #[test]
+        fn rebalancing_ends_and_never_overcommits_a_host(
+            twins in proptest::collection::vec((0usize..3, 1u32..4, 1u64..3), 1..12),
+            paused in proptest::collection::vec((0usize..3, 1u32..3, 1u64..2), 0..3),
+        ) {
+            let hosts = vec![
+                host("fo", HostRole::Failover, 12, 16, 6),
+                host("bk1", HostRole::Backup, 6, 8, 3),
+                host("bk2", HostRole::Backup, 4, 8, 2),
+            ];
+            // Whatever a failover server was given (its backup servers were down then), as
+            // long as it fit.
+            let mut placed: Vec<Placed> = Vec::new();
+            for (i, (g, v, m)) in twins.into_iter().enumerate() {
+                let r = req(&format!("n{i}"), &format!("g{g}"), v, m);
+                if placement_fits(&hosts[0], &placed, &r) {
+                    placed.push(place(&r, "fo"));
+                }
+            }
+            let waiting: Vec<Placed> = paused
+                .into_iter()
+                .enumerate()
+                .map(|(i, (g, v, m))| place(&req(&format!("p{i}"), &format!("g{g}"), v, m), "bk1"))
+                .filter(|p| used("bk1", std::slice::from_ref(p)).vcpus <= 6)
+                .take(1)
+                .collect();
+            let mut moves = 0;
+            while let Some(m) = rebalance(&hosts, &placed, &waiting, &|_: &Placed| true) {
+                moves += 1;
+                prop_assert!(moves <= 12, "rebalancing does not end");
+                prop_assert_eq!(&m.from, "fo");
+                prop_assert!(m.to.starts_with("bk"));
+                prop_assert!(m.load > LOADED);
+                let p = placed.iter_mut().find(|p| p.node == m.node).unwrap();
+                p.host = m.to.clone();
+                for h in &hosts {
+                    let mut all = placed.clone();
+                    all.extend(waiting.iter().cloned());
+                    let u = used(&h.name, &all);
+                    prop_assert!(u.vcpus <= h.capacity.vcpus && u.memory <= h.capacity.memory_bytes && u.slots <= h.capacity.slots, "{} over capacity", h.name);
+                    let groups: std::collections::BTreeSet<_> = placed.iter().filter(|p| p.host == h.name).map(|p| &p.group).collect();
+                    prop_assert!(groups.len() <= 1, "{} mixes groups {:?}", h.name, groups);
+                }
+            }
+        }
+
         #[test]
         fn paused_twins_placed_in_turn_never_overcommit_a_host(
             reqs in proptest::collection::vec((0usize..12, 0usize..3, 1u32..6, 1u64..6), 1..40),

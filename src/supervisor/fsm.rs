@@ -148,6 +148,19 @@ pub enum Input {
         /// What the hypervisor read.
         reason: String,
     },
+    /// Move the running twin to another host (a rebalance, or an operator's move).
+    Move {
+        /// The host it goes to.
+        to: String,
+        /// Why (the rebalance's reason, or the operator's request).
+        why: String,
+    },
+    /// A move ended with the twin running and heartbeating on `host` (the one it went to, or
+    /// the one it never left when the move was refused before anything was stopped).
+    TwinMoved {
+        /// Where it runs.
+        host: String,
+    },
 }
 
 /// What the runtime must do.
@@ -171,6 +184,20 @@ pub enum Action {
         node: String,
         /// The twin's epoch.
         epoch: u64,
+    },
+    /// Move a running twin: stop it where it runs, confirmed, then start it on `to` (the
+    /// node's fence still holds: no new fence, the same epoch).
+    MoveTwin {
+        /// The node.
+        node: String,
+        /// The twin's epoch.
+        epoch: u64,
+        /// Where it runs now.
+        from: String,
+        /// Where it goes.
+        to: String,
+        /// Why.
+        why: String,
     },
     /// Fence the physical node again: it came on while its twin runs.
     Refence {
@@ -316,6 +343,46 @@ impl Node {
             (Phase::Maintenance, Input::Maintenance(false)) => {
                 self.set(Phase::Watching);
                 Vec::new()
+            }
+            // A move, asked by an operator or the rebalance policy.
+            (Phase::RunningVirtual { epoch, host, .. }, Input::Move { to, why }) => {
+                // An operator's request is answered every time (not once per occasion).
+                if *host == to {
+                    return vec![Action::Refuse {
+                        node: name.clone(),
+                        reason: format!("move of {name}'s twin refused: it already runs on {to}"),
+                    }];
+                }
+                if host.is_empty() {
+                    return vec![Action::Refuse {
+                        node: name.clone(),
+                        reason: format!(
+                            "move of {name}'s twin refused: where it runs is not known yet (a failback just fell through); try again in a moment"
+                        ),
+                    }];
+                }
+                let (epoch, from) = (*epoch, host.clone());
+                self.set(Phase::Failover {
+                    epoch,
+                    step: Step::Placing,
+                    since: now,
+                });
+                vec![Action::MoveTwin {
+                    node: name,
+                    epoch,
+                    from,
+                    to,
+                    why,
+                }]
+            }
+            (_, Input::Move { to, .. }) => {
+                let state = self.state_name();
+                vec![Action::Refuse {
+                    node: name.clone(),
+                    reason: format!(
+                        "move of {name}'s twin to {to} refused: {name} is {state}, and only a twin that runs (running-virtual) is moved"
+                    ),
+                }]
             }
             (Phase::Maintenance, _) => Vec::new(),
 
@@ -510,6 +577,17 @@ impl Node {
                     reason,
                     retry_at: now,
                 });
+                Vec::new()
+            }
+            (Phase::Failover { epoch, .. }, Input::TwinMoved { host }) => {
+                // The physical node's repair clock goes on: a move is not a new failure.
+                let repaired = self.repaired_since;
+                self.set(Phase::RunningVirtual {
+                    epoch: *epoch,
+                    host,
+                    since: now,
+                });
+                self.repaired_since = repaired;
                 Vec::new()
             }
             (Phase::RunningVirtual { epoch, .. }, Input::FailbackNow) => {

@@ -83,11 +83,17 @@ pub struct Appliance {
 
 impl Appliance {
     pub fn start(lab: &Lab, tag: &str) -> Appliance {
+        Self::start_env(lab, tag, &[])
+    }
+
+    /// Started with `env` set (fault injection: `VIGIL_CRASH_AT`).
+    pub fn start_env(lab: &Lab, tag: &str, env: &[(&str, &str)]) -> Appliance {
         let out = lab.dir.path().join(format!("vigil-{tag}.log"));
         let f = std::fs::File::create(&out).unwrap();
         let child = Command::new(assert_cmd::cargo::cargo_bin("vigil"))
             .args(["run", "--config"])
             .arg(lab.config_path())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)

@@ -465,7 +465,105 @@ fn any_input() -> impl Strategy<Value = Input> {
         Just(Input::TwinLost {
             reason: "Stopped".into()
         }),
+        Just(Input::Move {
+            to: "bk".into(),
+            why: "rebalance".into()
+        }),
+        Just(Input::TwinMoved { host: "bk".into() }),
     ]
+}
+
+#[test]
+fn a_running_twin_is_moved_without_a_new_fence_and_a_move_of_anything_else_is_refused() {
+    let p = policy();
+    let d = Deadlines::default();
+    let mut n = Node::new(
+        "db1",
+        Phase::RunningVirtual {
+            epoch: 3,
+            host: "fo1".into(),
+            since: 0,
+        },
+    );
+    // To where it runs already: refused, every time it is asked, and nothing moves.
+    for t in [1_000, 2_000] {
+        let a = n.step(
+            Input::Move {
+                to: "fo1".into(),
+                why: "operator".into(),
+            },
+            t,
+            &p,
+            &d,
+        );
+        assert!(
+            matches!(a.as_slice(), [Action::Refuse { reason, .. }] if reason.contains("already runs on fo1")),
+            "{a:?}"
+        );
+    }
+    let a = n.step(
+        Input::Move {
+            to: "bk1".into(),
+            why: "operator".into(),
+        },
+        3_000,
+        &p,
+        &d,
+    );
+    assert_eq!(
+        a,
+        vec![Action::MoveTwin {
+            node: "db1".into(),
+            epoch: 3,
+            from: "fo1".into(),
+            to: "bk1".into(),
+            why: "operator".into(),
+        }]
+    );
+    assert!(matches!(n.phase, Phase::Failover { epoch: 3, .. }));
+    // One job at a time: a second move or a failback waits for this one.
+    let a = n.step(
+        Input::Move {
+            to: "bk1".into(),
+            why: "operator".into(),
+        },
+        3_500,
+        &p,
+        &d,
+    );
+    assert!(matches!(a.as_slice(), [Action::Refuse { .. }]), "{a:?}");
+    assert!(n.step(Input::FailbackNow, 3_600, &p, &d).is_empty());
+    n.step(Input::TwinMoved { host: "bk1".into() }, 9_000, &p, &d);
+    assert_eq!(
+        n.phase,
+        Phase::RunningVirtual {
+            epoch: 3,
+            host: "bk1".into(),
+            since: 9_000
+        }
+    );
+    // A node that runs no twin has none to move.
+    for phase in [
+        Phase::Watching,
+        Phase::Maintenance,
+        Phase::FencePending { epoch: 2 },
+    ] {
+        let mut w = Node::new("web1", phase.clone());
+        let a = w.step(
+            Input::Move {
+                to: "bk1".into(),
+                why: "operator".into(),
+            },
+            1,
+            &p,
+            &d,
+        );
+        assert!(
+            matches!(a.as_slice(), [Action::Refuse { reason, .. }] if reason.contains("only a twin that runs")),
+            "{phase:?}: {a:?}"
+        );
+        assert_eq!(w.phase, phase);
+    }
 }
 
 #[test]
@@ -536,9 +634,10 @@ proptest! {
                     Action::StartFailover { fenced: false, .. } => prop_assert!(false, "only the gate starts unfenced failovers"),
                     Action::StartFailback { .. } => prop_assert!(matches!(before, Phase::RunningVirtual { .. }), "{before:?}"),
                     Action::Refence { .. } => prop_assert!(matches!(before, Phase::RunningVirtual { .. }), "{:?}", before),
+                    Action::MoveTwin { .. } => prop_assert!(matches!(before, Phase::RunningVirtual { .. }), "{:?}", before),
                     _ => {}
                 }
-                if matches!(a, Action::StartFailover { .. } | Action::StartFailback { .. }) {
+                if matches!(a, Action::StartFailover { .. } | Action::StartFailback { .. } | Action::MoveTwin { .. }) {
                     prop_assert!(!matches!(before, Phase::Failover { .. } | Phase::FailingBack { .. }), "two jobs at once");
                 }
             }
