@@ -287,6 +287,7 @@ fn move_through_api(cfg: &config::Config, node: &str, to: &str) -> anyhow::Resul
     let t0 = Instant::now();
     let mut said = seen;
     let mut unanswered = 0;
+    let mut moving = false;
     while t0.elapsed() < Duration::from_secs(300) {
         std::thread::sleep(Duration::from_millis(300));
         let Ok((_, log)) = api(cfg, "GET", &format!("/api/log?node={node}&limit=50"), None) else {
@@ -308,8 +309,21 @@ fn move_through_api(cfg: &config::Config, node: &str, to: &str) -> anyhow::Resul
             let kind = r["kind"].as_str().unwrap_or_default();
             let msg = r["message"].as_str().unwrap_or_default();
             eprintln!("{:>6.1}s  {kind}: {msg}", t0.elapsed().as_secs_f64());
+            if kind == "twin-move" {
+                moving = true;
+            }
             if kind == "refusal" && msg.starts_with("move of") {
                 eprintln!("refused; see `vigil log --node {node}`");
+                return Ok(1);
+            }
+            // Once the twin was stopped for the move: a refusal or a failure of its start is
+            // the move's end here (the appliance tries again by itself, as for a failover).
+            // (A node found on again is fenced again within the move: that goes on.)
+            let refenced = msg.contains("it is fenced again before its twin starts");
+            if moving && (kind == "refusal" && !refenced || kind == "failover-failed") {
+                eprintln!(
+                    "{node}'s twin was stopped for the move and is not running yet; the appliance retries it; see `vigil log --node {node}`"
+                );
                 return Ok(1);
             }
             if kind == "vm-heartbeat" {

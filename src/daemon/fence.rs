@@ -17,8 +17,9 @@ use crate::model::PowerReading;
 
 /// Test-only fault injection: `VIGIL_CRASH_AT=<step>` makes the process abort at that step of a
 /// fence, exactly as a kill -9 would, so that tests can prove the restart converges. Steps:
-/// `fence-begin`, `after-announce`, `after-action`, `before-confirm`; and `move-stopped` (a
-/// moving twin confirmed stopped, its replacement not started yet).
+/// `fence-begin`, `after-announce`, `after-action`, `before-confirm`; `move-stopped` (a moving
+/// twin confirmed stopped, its replacement not started yet); `twin-started` (a twin started and
+/// read back running, its first heartbeat not arrived yet).
 pub(crate) fn crash_point(step: &str) {
     if std::env::var("VIGIL_CRASH_AT").is_ok_and(|s| s == step) {
         eprintln!("VIGIL_CRASH_AT={step}: aborting here, as a kill -9 would");

@@ -24,12 +24,12 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::broadcast;
 
-use crate::bmc::{Bmc, PowerAction};
+use crate::bmc::{Bmc, Depth, PowerAction};
 use crate::clock::Clock;
 use crate::config::{Config, HostConfig, NodeConfig, ProfileSet};
 use crate::fencing::{self, FenceOutcome};
 use crate::journal::{Journal, RecordKind};
-use crate::model::{HardwareProfile, Millis};
+use crate::model::{HardwareProfile, Millis, PowerReading};
 use crate::monitor::TwinBeat;
 use crate::placement::{self, Decision, HostView, Placed, Request};
 use crate::supervisor::fsm::Step;
@@ -228,7 +228,12 @@ impl Env {
             .values()
             .map(|(_, p)| p.clone())
             .collect();
-        placement::rebalance(&views, &placed, &waiting, movable)
+        // A node whose twin once died on a host is never sent back there (its failover would
+        // not take that host, and the move would end where it began).
+        let avoid = self.avoid.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        placement::rebalance(&views, &placed, &waiting, &|p: &Placed, to: &str| {
+            movable(p) && avoid.get(&p.node).is_none_or(|h| h != to)
+        })
     }
 
     /// Claims a paused twin for a resume or a removal: false if another job holds it.
@@ -717,6 +722,40 @@ pub async fn failover(
             "the fencing log does not show the fence confirmed: no twin is started".into(),
         ));
     }
+    // A fence confirmed earlier (a retry, a lost twin's replacement, a move) holds only while
+    // the node stays off: one powered on since (by hand, by its BMC) is fenced again before a
+    // twin starts beside it. (A BMC that does not answer now is no evidence it came on: the
+    // log's confirmation stands.)
+    if fenced && let Some(bmc) = env.bmcs.get(node_name) {
+        let power = tokio::time::timeout(node.policy.bmc_request_timeout, bmc.status(Depth::Fast))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|s| s.power);
+        if let Some(p @ (PowerReading::On | PowerReading::PoweringOn | PowerReading::PoweringOff)) =
+            power
+        {
+            env.log(
+                node_name,
+                RecordKind::Refusal,
+                Some(epoch),
+                format!("{node_name} reads {p:?} although its fence was confirmed: it is fenced again before its twin starts (a node and its twin never run together)"),
+                json!({ "power": p }),
+            )?;
+            match fence_node(
+                env,
+                node_name,
+                Some(epoch),
+                "on again before its twin starts",
+            )
+            .await
+            {
+                Ok(FenceOutcome::Confirmed { .. }) => {}
+                Ok(FenceOutcome::Pending { .. }) => return Err(JobEnd::FencePending),
+                Err(e) => return Err(JobEnd::Stalled(e.to_string())),
+            }
+        }
+    }
     progress(Step::Fenced);
     let fenced_at = env.clock.now();
     progress(Step::Placing);
@@ -1046,6 +1085,7 @@ pub async fn failover(
         },
         json!({ "vm": vm.name, "state": state, "fidelity_adjustments": adjusted }),
     )?;
+    super::fence::crash_point("twin-started");
 
     // Wait for the twin's first heartbeat under the node's name and this epoch.
     let deadline = tokio::time::Instant::now() + BOOT_TIMEOUT;
@@ -1163,6 +1203,17 @@ pub async fn move_twin(
     if hv_to.list_checked().await.is_err() {
         return refuse(format!("{to}'s hypervisor cannot be read"));
     }
+    if env
+        .avoid
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(node_name)
+        .is_some_and(|h| h == to)
+    {
+        return refuse(format!(
+            "{node_name}'s twin died on {to} before: its twins are not placed there again until it fails back"
+        ));
+    }
     // The destination's room, checked and taken in one step as a failover does (paused twins,
     // then what runs, locked in that order). The node keeps its place on `from` until its twin
     // there is confirmed stopped.
@@ -1216,7 +1267,11 @@ pub async fn move_twin(
     };
     if let Err(e) = stopped {
         // It may still run: the failover that retries this finds it and adopts it where it
-        // runs, or stops it first.
+        // runs, or stops it first. Nothing goes to `to`.
+        env.placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| !(p.node == node_name && p.host == to));
         let _ = env.log(
             node_name,
             RecordKind::FailoverFailed,
@@ -1234,6 +1289,10 @@ pub async fn move_twin(
         format!("stopped {vm} on {from} and confirmed it stopped, for its move to {to}"),
         json!({ "vm": vm, "host": from }),
     ) {
+        env.placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| !(p.node == node_name && p.host == to));
         return MoveEnd::Stalled(e);
     }
     // It runs on `from` no more: only the destination's reservation stays.
@@ -1244,7 +1303,15 @@ pub async fn move_twin(
     super::fence::crash_point("move-stopped");
     match failover(env, node_name, epoch, true, why, Some((to, down)), progress).await {
         Ok(host) => MoveEnd::Runs(host),
-        Err(e) => MoveEnd::Stalled(e),
+        Err(e) => {
+            // Whatever the failover ended on, no twin of this node runs on `to` now: its
+            // reservation there goes (the parked retry places it afresh).
+            env.placed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|p| !(p.node == node_name && p.host == to));
+            MoveEnd::Stalled(e)
+        }
     }
 }
 

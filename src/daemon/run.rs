@@ -176,8 +176,9 @@ enum JobResult {
     Failover(String, Result<String, JobEnd>),
     Failback(String, Result<(), String>),
     Other(String, Result<(), String>),
-    /// A running twin read back as not running: (node, epoch, host, what it read).
-    TwinLost(String, u64, String, String),
+    /// A running twin read back as not running: (node, epoch, host, since when that twin ran
+    /// there, what it read).
+    TwinLost(String, u64, String, Millis, String),
     /// A pre-created twin: (node, its reserved epoch, the host it waits on or why not).
     Standby(String, u64, Result<String, String>),
     /// A pre-created twin read back: (node, epoch, what was read where it is not paused; empty
@@ -185,8 +186,8 @@ enum JobResult {
     StandbyCheck(String, u64, String),
     /// A refence (a node powered on beside its twin) ended.
     Refenced(String, Result<(), String>),
-    /// A move of a running twin ended.
-    Moved(String, jobs::MoveEnd),
+    /// A move of a running twin ended: (node, where it was to go, how it ended).
+    Moved(String, String, jobs::MoveEnd),
 }
 
 /// How often each pre-created twin is read back from its hypervisor.
@@ -194,6 +195,9 @@ const STANDBY_CHECK: Millis = 10_000;
 
 /// How long after a failed pre-creation the next one is tried.
 const STANDBY_RETRY: Millis = 60_000;
+
+/// How long a move that did not end where it was to go is not proposed again.
+const REBALANCE_RETRY: Millis = 600_000;
 
 /// Append one record to the fencing log. The journal's listener (set in `run`) forwards it to
 /// the event stream and the metrics, so this does not send it anywhere itself.
@@ -281,6 +285,19 @@ fn judge_host(d: &Diagnosis, policy: &config::Policy, isolated_for: Millis) -> H
     HostJudged::Failed(format!("judged {name}: {}", d.why))
 }
 
+/// Whether a node's twin found running after a restart is still booting, by the node's records
+/// since its failover began: no heartbeat since, or a twin started after the last heartbeat (a
+/// replacement, a move) that has not heartbeat yet. A booting twin is waited for (the failover's
+/// boot timeout); one taken for running would be lost after twice the heartbeat timeout.
+fn twin_booting(since_begin: &[&Record]) -> bool {
+    let last = |k: RecordKind| since_begin.iter().rposition(|r| r.kind == k);
+    match (last(RecordKind::VmStart), last(RecordKind::VmHeartbeat)) {
+        (_, None) => true,
+        (Some(s), Some(h)) => s > h,
+        (None, Some(_)) => false,
+    }
+}
+
 async fn recover(
     cfg: &Config,
     records: &[Record],
@@ -339,7 +356,7 @@ async fn recover(
                         "{0}: twin vigil-{0}-e{e} runs on {host}: adopted",
                         n.name
                     ));
-                    if !done(RecordKind::VmHeartbeat) {
+                    if twin_booting(&mine[b..]) {
                         resume.push(Action::StartFailover {
                             node: n.name.clone(),
                             epoch,
@@ -675,6 +692,9 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let mut host_isolated_since: HashMap<String, Millis> = HashMap::new();
     // The rebalance move placement proposes, and since when it has stood unchanged.
     let mut proposal: Option<(crate::placement::Move, Millis)> = None;
+    // Moves that ended elsewhere than asked (node, destination), and when: not proposed again
+    // for REBALANCE_RETRY.
+    let mut failed_moves: HashMap<(String, String), Millis> = HashMap::new();
     // Nodes whose next failback moves to a replacement server, accepted by an operator.
     let mut accept_profile: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -692,6 +712,10 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 match config::load(path) {
                     Ok((new, _, _)) => {
                         policy = new.policy.clone();
+                        // `rebalance_after` counts from now under the new policy.
+                        if let Some((_, since)) = proposal.as_mut() {
+                            *since = clock.now();
+                        }
                         append(&journal, None, RecordKind::Operator, None, "configuration reloaded (SIGHUP): the new policy is in force; node and host changes take effect at the next start".into(), serde_json::Value::Null);
                     }
                     Err(e) => {
@@ -746,9 +770,18 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         (n, Input::FailbackDone)
                     }
                     JobResult::Failback(n, Err(reason)) => (n, Input::FailbackFailed { reason }),
-                    JobResult::Moved(n, jobs::MoveEnd::Runs(host)) => (n, Input::TwinMoved { host }),
-                    JobResult::Moved(n, jobs::MoveEnd::Stalled(JobEnd::FencePending)) => (n, Input::FencePending),
-                    JobResult::Moved(n, jobs::MoveEnd::Stalled(JobEnd::Stalled(reason))) => (n, Input::FailoverStalled { reason }),
+                    JobResult::Moved(n, to, end) => {
+                        // A move that did not end where it was to go is not proposed again for a
+                        // while: the rebalance would only stop the same workload again.
+                        if !matches!(&end, jobs::MoveEnd::Runs(h) if *h == to) {
+                            failed_moves.insert((n.clone(), to), now);
+                        }
+                        match end {
+                            jobs::MoveEnd::Runs(host) => (n, Input::TwinMoved { host }),
+                            jobs::MoveEnd::Stalled(JobEnd::FencePending) => (n, Input::FencePending),
+                            jobs::MoveEnd::Stalled(JobEnd::Stalled(reason)) => (n, Input::FailoverStalled { reason }),
+                        }
+                    }
                     JobResult::Refenced(n, r) => {
                         refencing.remove(&n);
                         if let Err(e) = r { tracing::error!(node = %n, error = %e, "the refence failed: tried again while the node reads on"); }
@@ -806,11 +839,12 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         }
                         continue;
                     }
-                    JobResult::TwinLost(n, epoch, host, read) => {
+                    JobResult::TwinLost(n, epoch, host, ran_since, read) => {
                         twin_checks.remove(&n);
-                        // Only if it is still that twin that is supposed to run.
-                        // (The same epoch on another host is the same twin moved since.)
-                        let current = matches!(rack.nodes.get(&n).map(|x| &x.phase), Some(Phase::RunningVirtual { epoch: e, host: h, .. }) if *e == epoch && *h == host);
+                        // Only if it is still that twin that is supposed to run: the same epoch
+                        // on another host, or started there again since (a move that came back),
+                        // is another twin.
+                        let current = matches!(rack.nodes.get(&n).map(|x| &x.phase), Some(Phase::RunningVirtual { epoch: e, host: h, since }) if *e == epoch && *h == host && *since == ran_since);
                         if !current || read.is_empty() {
                             continue;
                         }
@@ -916,10 +950,13 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     // has stood for `rebalance_after` with `rebalance = "auto"`, one move at a
                     // time, and never while any node is in the middle of a failover, a fence or
                     // a failback (a move is planned work: it waits for a calm rack).
+                    failed_moves.retain(|_, at| now.saturating_sub(*at) < REBALANCE_RETRY);
                     let fresh = env.rebalance_proposal(
-                        &|p| matches!(rack.nodes.get(&p.node).map(|x| &x.phase), Some(Phase::RunningVirtual { host, .. }) if *host == p.host),
+                        // (Not a node being fenced again: it came on beside its twin.)
+                        &|p| !refencing.contains(&p.node) && matches!(rack.nodes.get(&p.node).map(|x| &x.phase), Some(Phase::RunningVirtual { host, .. }) if *host == p.host),
                         &|h| mon.current(h).is_some_and(|d| d.kind == Kind::Healthy),
-                    );
+                    )
+                    .filter(|m| !failed_moves.contains_key(&(m.node.clone(), m.to.clone())));
                     proposal = match (fresh, proposal.take()) {
                         (Some(m), Some((old, since))) if old.node == m.node && old.from == m.from && old.to == m.to => Some((m, since)),
                         (Some(m), _) => Some((m, now)),
@@ -959,17 +996,17 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         };
                         let silence = now.saturating_sub(last);
                         if silence > silent_after {
-                            let _ = jtx.send(JobResult::TwinLost(n.clone(), *epoch, host.clone(), format!("no heartbeat for {silence} ms")));
+                            let _ = jtx.send(JobResult::TwinLost(n.clone(), *epoch, host.clone(), *since, format!("no heartbeat for {silence} ms")));
                             continue;
                         }
-                        let (n, epoch, host, jtx) = (n.clone(), *epoch, host.clone(), jtx.clone());
+                        let (n, epoch, host, since, jtx) = (n.clone(), *epoch, host.clone(), *since, jtx.clone());
                         jobs.spawn(async move {
                             let st = hv.status(&format!("vigil-{n}-e{epoch}")).await;
                             let read = match st {
                                 VmState::Running => String::new(),
                                 other => format!("{other:?}"),
                             };
-                            let _ = jtx.send(JobResult::TwinLost(n, epoch, host, read));
+                            let _ = jtx.send(JobResult::TwinLost(n, epoch, host, since, read));
                         });
                     }
                     // Pre-created twins: one for each watched node judged healthy that has
@@ -1194,7 +1231,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         };
                         let r =
                             jobs::move_twin(&env, &node, epoch, &from, &to, &why, &progress).await;
-                        let _ = jtx.send(JobResult::Moved(node, r));
+                        let _ = jtx.send(JobResult::Moved(node, to, r));
                     });
                 }
                 Action::StartFailback { node, epoch } => {
@@ -1474,4 +1511,58 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     while src.tasks.join_next().await.is_some() {}
     let _ = api_task.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(kind: RecordKind) -> Record {
+        Record {
+            seq: 0,
+            time: String::new(),
+            node: Some("db1".into()),
+            kind,
+            epoch: Some(1),
+            message: String::new(),
+            detail: serde_json::Value::Null,
+            prev: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_twin_started_after_the_last_heartbeat_is_still_booting() {
+        use RecordKind as K;
+        let booting = |kinds: &[K]| {
+            let rs: Vec<Record> = kinds.iter().map(|k| rec(*k)).collect();
+            twin_booting(&rs.iter().collect::<Vec<_>>())
+        };
+        assert!(booting(&[K::FailoverBegin, K::VmStart, K::VmRunning]));
+        assert!(!booting(&[
+            K::FailoverBegin,
+            K::VmStart,
+            K::VmRunning,
+            K::VmHeartbeat
+        ]));
+        // Moved (or replaced) and restarted before the new twin's first heartbeat.
+        assert!(booting(&[
+            K::FailoverBegin,
+            K::VmStart,
+            K::VmHeartbeat,
+            K::TwinMove,
+            K::VmStopped,
+            K::VmStart,
+            K::VmRunning,
+        ]));
+        assert!(!booting(&[
+            K::FailoverBegin,
+            K::VmStart,
+            K::VmHeartbeat,
+            K::TwinMove,
+            K::VmStopped,
+            K::VmStart,
+            K::VmHeartbeat,
+        ]));
+    }
 }

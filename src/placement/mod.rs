@@ -284,17 +284,17 @@ pub struct Move {
     pub load: f64,
 }
 
-/// A move that takes load off a failover server past [`LOADED`]: its smallest twin that
-/// `movable` allows (one whose node is not in the middle of something) and a healthy backup
-/// server can take, counting the twins that run (`placed`) and the paused ones that wait
-/// (`waiting`), as a failover would. `None` when no failover server is past the mark or no
+/// A move that takes load off a failover server past [`LOADED`]: its smallest twin that a
+/// healthy backup server can take and `movable` allows there (`movable(twin, backup)`: false for
+/// a node in the middle of something, or one that must not go to that host), counting the twins
+/// that run (`placed`) and the paused ones that wait (`waiting`), as a failover would. `None` when no failover server is past the mark or no
 /// backup server can take any of its twins. Moves only ever go from failover servers to backup
 /// servers, so two proposals can never undo each other.
 pub fn rebalance(
     hosts: &[HostView],
     placed: &[Placed],
     waiting: &[Placed],
-    movable: &dyn Fn(&Placed) -> bool,
+    movable: &dyn Fn(&Placed, &str) -> bool,
 ) -> Option<Move> {
     let backups: Vec<HostView> = hosts
         .iter()
@@ -309,10 +309,7 @@ pub fn rebalance(
         if l <= LOADED {
             continue;
         }
-        let mut mine: Vec<&Placed> = placed
-            .iter()
-            .filter(|p| p.host == h.name && movable(p))
-            .collect();
+        let mut mine: Vec<&Placed> = placed.iter().filter(|p| p.host == h.name).collect();
         mine.sort_by(|a, b| {
             (a.vcpus, a.memory_bytes, &a.node).cmp(&(b.vcpus, b.memory_bytes, &b.node))
         });
@@ -328,7 +325,12 @@ pub fn rebalance(
                 vcpus: p.vcpus,
                 memory_bytes: p.memory_bytes,
             };
-            if let Ok(Decision::Place { host }) = choose_with(&req, &backups, &others, waiting) {
+            let allowed: Vec<HostView> = backups
+                .iter()
+                .filter(|b| movable(p, &b.name))
+                .cloned()
+                .collect();
+            if let Ok(Decision::Place { host }) = choose_with(&req, &allowed, &others, waiting) {
                 return Some(Move {
                     node: p.node.clone(),
                     from: h.name.clone(),
@@ -455,7 +457,7 @@ mod tests {
             place(&req("a", "g", 2, 1), "fo"),
             place(&req("b", "g", 2, 1), "fo"),
         ];
-        let all = |_: &Placed| true;
+        let all = |_: &Placed, _: &str| true;
         let m = rebalance(&hosts, &placed, &[], &all).unwrap();
         assert_eq!(
             (m.node.as_str(), m.from.as_str(), m.to.as_str()),
@@ -463,7 +465,13 @@ mod tests {
         );
         assert!((m.load - 1.0).abs() < 1e-9, "{m:?}");
         // A twin whose node is busy (failing back, say) is not moved: the other one is.
-        let m = rebalance(&hosts, &placed, &[], &|p: &Placed| p.node != "a").unwrap();
+        let m = rebalance(&hosts, &placed, &[], &|p: &Placed, _: &str| p.node != "a").unwrap();
+        assert_eq!(m.node, "b");
+        // Nor to a host it must not go to (its twin died there): the other one goes.
+        let m = rebalance(&hosts, &placed, &[], &|p: &Placed, h: &str| {
+            !(p.node == "a" && h == "bk")
+        })
+        .unwrap();
         assert_eq!(m.node, "b");
         // Paused twins on the backup server take its room: with none left, no move.
         let waiting = vec![
@@ -539,15 +547,16 @@ mod tests {
                     placed.push(place(&r, "fo"));
                 }
             }
-            let waiting: Vec<Placed> = paused
-                .into_iter()
-                .enumerate()
-                .map(|(i, (g, v, m))| place(&req(&format!("p{i}"), &format!("g{g}"), v, m), "bk1"))
-                .filter(|p| used("bk1", std::slice::from_ref(p)).vcpus <= 6)
-                .take(1)
-                .collect();
+            // Paused twins waiting on bk1, as many as fit it.
+            let mut waiting: Vec<Placed> = Vec::new();
+            for (i, (g, v, m)) in paused.into_iter().enumerate() {
+                let r = req(&format!("p{i}"), &format!("g{g}"), v, m);
+                if placement_fits(&hosts[1], &waiting, &r) {
+                    waiting.push(place(&r, "bk1"));
+                }
+            }
             let mut moves = 0;
-            while let Some(m) = rebalance(&hosts, &placed, &waiting, &|_: &Placed| true) {
+            while let Some(m) = rebalance(&hosts, &placed, &waiting, &|_: &Placed, _: &str| true) {
                 moves += 1;
                 prop_assert!(moves <= 12, "rebalancing does not end");
                 prop_assert_eq!(&m.from, "fo");

@@ -279,6 +279,15 @@ pub struct Node {
     /// per pass must not send a fence per pass), at once again after it has read off.
     #[serde(skip)]
     refenced: Option<Millis>,
+    /// A move of its running twin is under way (`Some`), with the physical node's repair clock
+    /// as it stood when the move began: a move is not a failure (the storm guard does not count
+    /// it) and does not restart that clock.
+    #[serde(skip)]
+    moving: Option<Option<Millis>>,
+    /// When the node went virtual in this incident (its first twin ran): the quarantine counts
+    /// from here, whatever twin losses or moves restarted the twin since.
+    #[serde(skip)]
+    virtual_since: Option<Millis>,
 }
 
 /// How long after a refence another is asked for while the node still reads on (the runtime
@@ -299,7 +308,14 @@ impl Node {
             overdue_reported: false,
             power_cycled: None,
             refenced: None,
+            moving: None,
+            virtual_since: None,
         }
+    }
+
+    /// Whether a move of its running twin is under way.
+    pub fn is_moving(&self) -> bool {
+        self.moving.is_some()
     }
 
     fn refuse(&mut self, reason: String) -> Vec<Action> {
@@ -314,6 +330,12 @@ impl Node {
     }
 
     fn set(&mut self, p: Phase) {
+        if !matches!(p, Phase::Failover { .. }) {
+            self.moving = None;
+        }
+        if matches!(p, Phase::Watching) {
+            self.virtual_since = None;
+        }
         if p != self.phase {
             self.overdue_reported = false;
             self.repaired_since = None;
@@ -344,6 +366,16 @@ impl Node {
                 self.set(Phase::Watching);
                 Vec::new()
             }
+            // A failback asked of a node that runs no twin (or is busy): said, every time.
+            (p, Input::FailbackNow) if !matches!(p, Phase::RunningVirtual { .. }) => {
+                let state = self.state_name();
+                vec![Action::Refuse {
+                    node: name.clone(),
+                    reason: format!(
+                        "failback of {name} refused: {name} is {state}, and only a node running on its twin (running-virtual) fails back"
+                    ),
+                }]
+            }
             // A move, asked by an operator or the rebalance policy.
             (Phase::RunningVirtual { epoch, host, .. }, Input::Move { to, why }) => {
                 // An operator's request is answered every time (not once per occasion).
@@ -362,11 +394,13 @@ impl Node {
                     }];
                 }
                 let (epoch, from) = (*epoch, host.clone());
+                let repaired = self.repaired_since;
                 self.set(Phase::Failover {
                     epoch,
                     step: Step::Placing,
                     since: now,
                 });
+                self.moving = Some(repaired);
                 vec![Action::MoveTwin {
                     node: name,
                     epoch,
@@ -473,6 +507,7 @@ impl Node {
                     host,
                     since: now,
                 });
+                self.virtual_since.get_or_insert(now);
                 self.repaired_since = None;
                 Vec::new()
             }
@@ -551,8 +586,11 @@ impl Node {
                     if let Failback::Auto { healthy_delay } = policy.failback
                         && now.saturating_sub(r) >= healthy_delay.as_millis() as Millis
                     {
+                        // (Counted from when it went virtual, not from its current twin's
+                        // start: a twin replaced or moved since is the same incident.)
+                        let failed = self.virtual_since.unwrap_or(since);
                         let quarantined = self.last_failback.is_some_and(|f| {
-                            since.saturating_sub(f) < policy.quarantine.as_millis() as Millis
+                            failed.saturating_sub(f) < policy.quarantine.as_millis() as Millis
                         });
                         if quarantined {
                             return self.refuse(format!(
@@ -581,7 +619,7 @@ impl Node {
             }
             (Phase::Failover { epoch, .. }, Input::TwinMoved { host }) => {
                 // The physical node's repair clock goes on: a move is not a new failure.
-                let repaired = self.repaired_since;
+                let repaired = self.moving.take().flatten();
                 self.set(Phase::RunningVirtual {
                     epoch: *epoch,
                     host,
@@ -733,7 +771,8 @@ impl Rack {
         let running = self
             .nodes
             .values()
-            .filter(|n| matches!(n.phase, Phase::Failover { .. }))
+            // (A move is not a failure: it is neither a failover running nor a node failing.)
+            .filter(|n| matches!(n.phase, Phase::Failover { .. }) && !n.is_moving())
             .count();
         let requested: Vec<String> = self
             .nodes
@@ -763,7 +802,7 @@ impl Rack {
                 matches!(
                     n.phase,
                     Phase::Requested { .. } | Phase::Waiting { .. } | Phase::Failover { .. }
-                )
+                ) && !n.is_moving()
             })
             .count();
         let fraction = failing as f64 / total as f64;

@@ -17,7 +17,8 @@
 //! this machine. With a remote one (`qemu+ssh://host/system`, `qemu+tls://...`: a URI that names
 //! a host) nothing of the domain is on this machine's disk as the host sees it: the key is
 //! uploaded over the libvirt connection itself into a storage volume of a dir pool on that host
-//! (`vigil-keys`, made at first use under `/var/lib/libvirt/vigil-keys`, mode 0700), streamed
+//! (`vigil-keys`, made at first use under `/var/lib/libvirt/vigil-keys`, mode 0711; each key
+//! 0400 and owned by the user QEMU runs as there, from the host's capabilities), streamed
 //! from memory (never written here), and the volume is deleted once QEMU has read it; the serial
 //! console is a pty (`virsh console`) and UEFI variables are where libvirt keeps them.
 //!
@@ -286,6 +287,20 @@ pub fn domain_xml_for(
     o
 }
 
+/// The `uid:gid` of the DAC base label in a host's capabilities (`<baselabel
+/// type='kvm'>+64055:+64055</baselabel>` in the `dac` security model): the user QEMU runs as.
+pub fn dac_owner(capabilities: &str) -> Option<(u32, u32)> {
+    let dac = capabilities.split("<model>dac</model>").nth(1)?;
+    let dac = dac.split("</secmodel>").next()?;
+    let label = dac.split("<baselabel").nth(1)?;
+    let label = label.split('>').nth(1)?.split('<').next()?;
+    let (u, g) = label.split_once(':')?;
+    Some((
+        u.trim().trim_start_matches('+').parse().ok()?,
+        g.trim().trim_start_matches('+').parse().ok()?,
+    ))
+}
+
 /// The CPU features a libvirt refusal names ("... does not provide required features: a, b").
 pub fn missing_features(err: &str) -> Vec<String> {
     err.split("required features:")
@@ -365,21 +380,40 @@ impl LibvirtDriver {
             }
             Ok(_) => {}
             Err(e) if e.contains("not found") || e.contains("no storage pool") => {
+                // 0711: QEMU (its own user on the host) may reach a key it is given by name, and
+                // nobody may list them; each key is 0400 and QEMU's.
                 let xml = format!(
-                    "<pool type='dir'>\n  <name>{}</name>\n  <target>\n    <path>{}</path>\n    <permissions>\n      <mode>0700</mode>\n    </permissions>\n  </target>\n</pool>\n",
+                    "<pool type='dir'>\n  <name>{}</name>\n  <target>\n    <path>{}</path>\n    <permissions>\n      <mode>0711</mode>\n    </permissions>\n  </target>\n</pool>\n",
                     x(&self.key_pool),
                     x(&self.key_pool_dir.display().to_string())
                 );
                 let file = self.run_dir.join(format!("{}.pool.xml", self.key_pool));
                 std::fs::create_dir_all(&self.run_dir).map_err(|e| e.to_string())?;
                 std::fs::write(&file, xml).map_err(|e| e.to_string())?;
-                self.virsh(&["pool-define", &file.display().to_string()])
-                    .await?;
-                self.virsh(&["pool-build", &self.key_pool]).await?;
+                // (Another job may be making it at the same moment: "already exists" is fine.)
+                match self
+                    .virsh(&["pool-define", &file.display().to_string()])
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.contains("already exists") => {}
+                    Err(e) => return Err(e),
+                }
+                let _ = self.virsh(&["pool-build", &self.key_pool]).await;
             }
             Err(e) => return Err(e),
         }
-        self.virsh(&["pool-start", &self.key_pool]).await.map(drop)
+        match self.virsh(&["pool-start", &self.key_pool]).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.contains("already active") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The user and group QEMU runs as on the host (its DAC base label in the capabilities),
+    /// if the host says.
+    async fn qemu_owner(&self) -> Option<(u32, u32)> {
+        dac_owner(&self.virsh(&["capabilities"]).await.ok()?)
     }
 
     /// Uploads `key` over the libvirt connection into a volume of the key pool named after the
@@ -394,15 +428,26 @@ impl LibvirtDriver {
             .virsh(&["vol-delete", "--pool", &self.key_pool, &vol])
             .await;
         let bytes = key.expose().as_bytes();
-        self.virsh(&[
-            "vol-create-as",
-            &self.key_pool,
-            &vol,
-            &bytes.len().to_string(),
-            "--format",
-            "raw",
-        ])
-        .await?;
+        // Readable by QEMU's user only (root's where the host names none).
+        let owner = match self.qemu_owner().await {
+            Some((u, g)) => format!("<owner>{u}</owner><group>{g}</group>"),
+            None => String::new(),
+        };
+        let vol_xml = self.run_dir.join(format!("{vm}.key-volume.xml"));
+        std::fs::write(
+            &vol_xml,
+            format!(
+                "<volume>\n  <name>{}</name>\n  <capacity unit='bytes'>{}</capacity>\n  <target>\n    <format type='raw'/>\n    <permissions>{owner}<mode>0400</mode></permissions>\n  </target>\n</volume>\n",
+                x(&vol),
+                bytes.len()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let created = self
+            .virsh(&["vol-create", &self.key_pool, &vol_xml.display().to_string()])
+            .await;
+        let _ = std::fs::remove_file(&vol_xml);
+        created?;
         let uploaded = self
             .virsh_input(
                 &["vol-upload", "--pool", &self.key_pool, &vol, "/dev/stdin"],
@@ -413,10 +458,16 @@ impl LibvirtDriver {
             self.delete_key(vm).await;
             return Err(format!("the key cannot be uploaded: {e}"));
         }
-        let path = self
+        match self
             .virsh(&["vol-path", "--pool", &self.key_pool, &vol])
-            .await?;
-        Ok(path.trim().to_string())
+            .await
+        {
+            Ok(path) => Ok(path.trim().to_string()),
+            Err(e) => {
+                self.delete_key(vm).await;
+                Err(e)
+            }
+        }
     }
 
     /// Deletes the VM's key volume on the host (QEMU read it at start).
@@ -447,7 +498,9 @@ impl LibvirtDriver {
         let run = async {
             let mut child = cmd.spawn()?;
             if let Some(mut stdin) = child.stdin.take() {
-                stdin.write_all(input).await?;
+                // (A virsh that ended early says why on its stderr: a broken pipe here would
+                // only hide it.)
+                let _ = stdin.write_all(input).await;
                 // (Dropped: virsh reads to the end.)
             }
             child.wait_with_output().await
@@ -818,6 +871,34 @@ mod tests {
         assert!(missing_features("Domain not found").is_empty());
         // Nothing that could smuggle XML in.
         assert!(missing_features("required features: <evil/>").is_empty());
+    }
+
+    #[test]
+    fn the_user_qemu_runs_as_comes_from_the_dac_base_label() {
+        let caps = "<capabilities><host><secmodel>\n<model>selinux</model>\n<doi>0</doi>\n<baselabel type='kvm'>system_u:system_r:svirt_t:s0</baselabel>\n</secmodel>\n<secmodel>\n<model>dac</model>\n<doi>0</doi>\n<baselabel type='kvm'>+64055:+994</baselabel>\n<baselabel type='qemu'>+64055:+994</baselabel>\n</secmodel></host></capabilities>";
+        assert_eq!(dac_owner(caps), Some((64055, 994)));
+        // No DAC model (no security driver): nothing said, root keeps it.
+        assert_eq!(
+            dac_owner("<secmodel><model>none</model><doi>0</doi></secmodel>"),
+            None
+        );
+        assert_eq!(
+            dac_owner(
+                "<secmodel><model>dac</model><baselabel type='kvm'>+x:+1</baselabel></secmodel>"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn remote_is_a_uri_that_names_a_host() {
+        let d = |u: &str| LibvirtDriver::new(u, PathBuf::from("/tmp"), NetMode::User).remote();
+        assert!(!d("qemu:///system"));
+        assert!(!d("qemu:///system?socket=/run/x/libvirt-sock"));
+        assert!(!d("test:///default"));
+        assert!(d("qemu+ssh://root@fo1/system"));
+        assert!(d("qemu+tls://fo1.example:16514/system"));
+        assert!(d("qemu+tcp://127.0.0.1:16509/system"));
     }
 
     #[test]

@@ -532,8 +532,14 @@ fn a_running_twin_is_moved_without_a_new_fence_and_a_move_of_anything_else_is_re
         &d,
     );
     assert!(matches!(a.as_slice(), [Action::Refuse { .. }]), "{a:?}");
-    assert!(n.step(Input::FailbackNow, 3_600, &p, &d).is_empty());
+    let a = n.step(Input::FailbackNow, 3_600, &p, &d);
+    assert!(
+        matches!(a.as_slice(), [Action::Refuse { reason, .. }] if reason.starts_with("failback of db1 refused: db1 is placing")),
+        "{a:?}"
+    );
+    assert!(n.is_moving());
     n.step(Input::TwinMoved { host: "bk1".into() }, 9_000, &p, &d);
+    assert!(!n.is_moving());
     assert_eq!(
         n.phase,
         Phase::RunningVirtual {
@@ -648,4 +654,87 @@ proptest! {
             }
         }
     }
+}
+
+/// A move is not a failure: the storm guard counts neither the moving node as failing nor its
+/// job as a failover running, and the quarantine still counts from when the node went virtual.
+#[test]
+fn a_move_neither_trips_the_storm_guard_nor_resets_the_quarantine() {
+    let mut p = policy();
+    p.failback = Failback::Auto {
+        healthy_delay: Duration::from_secs(1),
+    };
+    p.quarantine = Duration::from_secs(3600);
+    let d = Deadlines::default();
+    // Three nodes: one moving, one failing. 2 of 3 "failing" would pass the 0.5 mark; 1 of 3
+    // does not.
+    let mut rack = Rack::new(
+        [
+            ("a".to_string(), Node::new("a", Phase::Watching)),
+            ("b".to_string(), Node::new("b", Phase::Watching)),
+            (
+                "c".to_string(),
+                Node::new(
+                    "c",
+                    Phase::RunningVirtual {
+                        epoch: 1,
+                        host: "fo".into(),
+                        since: 0,
+                    },
+                ),
+            ),
+        ]
+        .into(),
+        1,
+    );
+    p.storm_guard.max_concurrent_failovers = 1;
+    let m = rack.nodes.get_mut("c").unwrap().step(
+        Input::Move {
+            to: "bk".into(),
+            why: "rebalance".into(),
+        },
+        1_000,
+        &p,
+        &d,
+    );
+    assert!(matches!(m.as_slice(), [Action::MoveTwin { .. }]), "{m:?}");
+    rack.nodes
+        .get_mut("a")
+        .unwrap()
+        .step(verdict(HW), 2_000, &p, &d);
+    let g = rack.grant(&p, 2_000);
+    assert!(
+        matches!(g.as_slice(), [Action::StartFailover { node, .. }] if node == "a"),
+        "{g:?}"
+    );
+
+    // The quarantine: a node failed back at 10 s fails again at 20 s; its twin is moved at
+    // 5,000 s. The repaired node is still held on its twin by the quarantine (it went virtual at
+    // 20 s, within the hour), not freed by the move.
+    let mut n = Node::new("q", Phase::Watching);
+    n.last_failback = Some(10_000);
+    n.set(Phase::Failover {
+        epoch: 2,
+        step: Step::BootingVirtual,
+        since: 19_000,
+    });
+    n.step(Input::FailoverDone { host: "fo".into() }, 20_000, &p, &d);
+    n.step(
+        Input::Move {
+            to: "bk".into(),
+            why: "rebalance".into(),
+        },
+        5_000_000,
+        &p,
+        &d,
+    );
+    n.step(Input::TwinMoved { host: "bk".into() }, 5_010_000, &p, &d);
+    let off = phys(Kind::Suspect, PowerReading::Off, Health::Ok);
+    n.step(off.clone(), 5_020_000, &p, &d);
+    let a = n.step(off, 5_030_000, &p, &d);
+    assert!(
+        matches!(a.as_slice(), [Action::Refuse { reason, .. }] if reason.contains("quarantine")),
+        "{a:?}"
+    );
+    assert!(matches!(n.phase, Phase::RunningVirtual { .. }));
 }
