@@ -200,12 +200,13 @@ impl Env {
         (running, waiting)
     }
 
-    /// The move placement proposes now ([`placement::rebalance`]): only twins `movable` allows,
-    /// and only between hosts `sound` says are judged healthy now (not merely "not failed": a
-    /// move is planned work, never made toward or away from a host in doubt).
+    /// The move placement proposes now ([`placement::rebalance`]): only moves `movable` allows
+    /// (twin, destination), and only between hosts `sound` says are judged healthy now (not
+    /// merely "not failed": a move is planned work, never made toward or away from a host in
+    /// doubt).
     pub fn rebalance_proposal(
         &self,
-        movable: &dyn Fn(&Placed) -> bool,
+        movable: &dyn Fn(&Placed, &str) -> bool,
         sound: &dyn Fn(&str) -> bool,
     ) -> Option<placement::Move> {
         let views: Vec<HostView> = self
@@ -232,7 +233,7 @@ impl Env {
         // not take that host, and the move would end where it began).
         let avoid = self.avoid.lock().unwrap_or_else(|p| p.into_inner()).clone();
         placement::rebalance(&views, &placed, &waiting, &|p: &Placed, to: &str| {
-            movable(p) && avoid.get(&p.node).is_none_or(|h| h != to)
+            movable(p, to) && avoid.get(&p.node).is_none_or(|h| h != to)
         })
     }
 
@@ -258,6 +259,23 @@ impl Env {
         if s.get(node).is_some_and(|(e, _)| *e == epoch) {
             s.remove(node);
         }
+    }
+
+    /// Whether the node's latest word on its power in the log is an operator's ack-off (no
+    /// fence begun or confirmed since).
+    fn acked_off_last(&self, node: &str) -> bool {
+        let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        j.records()
+            .iter()
+            .rev()
+            .filter(|r| r.node.as_deref() == Some(node))
+            .find(|r| {
+                matches!(
+                    r.kind,
+                    RecordKind::AckOff | RecordKind::FenceBegin | RecordKind::FenceConfirmed
+                )
+            })
+            .is_some_and(|r| r.kind == RecordKind::AckOff)
     }
 
     fn fence_confirmed_in_log(&self, node: &str) -> bool {
@@ -725,8 +743,12 @@ pub async fn failover(
     // A fence confirmed earlier (a retry, a lost twin's replacement, a move) holds only while
     // the node stays off: one powered on since (by hand, by its BMC) is fenced again before a
     // twin starts beside it. (A BMC that does not answer now is no evidence it came on: the
-    // log's confirmation stands.)
-    if fenced && let Some(bmc) = env.bmcs.get(node_name) {
+    // log's confirmation stands. An operator's ack-off is taken over the BMC's reading: that
+    // reading is what it overrides.)
+    if fenced
+        && !env.acked_off_last(node_name)
+        && let Some(bmc) = env.bmcs.get(node_name)
+    {
         let power = tokio::time::timeout(node.policy.bmc_request_timeout, bmc.status(Depth::Fast))
             .await
             .ok()
@@ -742,7 +764,7 @@ pub async fn failover(
                 format!("{node_name} reads {p:?} although its fence was confirmed: it is fenced again before its twin starts (a node and its twin never run together)"),
                 json!({ "power": p }),
             )?;
-            match fence_node(
+            let end = match fence_node(
                 env,
                 node_name,
                 Some(epoch),
@@ -750,9 +772,16 @@ pub async fn failover(
             )
             .await
             {
-                Ok(FenceOutcome::Confirmed { .. }) => {}
-                Ok(FenceOutcome::Pending { .. }) => return Err(JobEnd::FencePending),
-                Err(e) => return Err(JobEnd::Stalled(e.to_string())),
+                Ok(FenceOutcome::Confirmed { .. }) => None,
+                Ok(FenceOutcome::Pending { .. }) => Some(JobEnd::FencePending),
+                Err(e) => Some(JobEnd::Stalled(e.to_string())),
+            };
+            if let Some(end) = end {
+                // Not confirmed off: whatever twin of it runs (one adopted after a restart, one
+                // a failed stop left) is stopped, so the two never run together while an
+                // operator makes sure.
+                stop_twins_of(env, node_name).await;
+                return Err(end);
             }
         }
     }
@@ -1140,6 +1169,47 @@ pub async fn failover(
                     json!({ "vm": vm.name, "host": host_name, "stopped": stopped.is_ok() }),
                 )?;
                 return Err(JobEnd::Stalled(format!("{} sent no heartbeat", vm.name)));
+            }
+        }
+    }
+}
+
+/// Stops every twin of `node` that runs (or waits, or hangs) on any host, each confirmed
+/// stopped and logged; one that will not stop is logged as such.
+async fn stop_twins_of(env: &Env, node: &str) {
+    for (host, hv) in &env.hypervisors {
+        let Ok(vms) = hv.list_checked().await else {
+            continue;
+        };
+        for (vm, state) in vms {
+            let Some(e) = twin_epoch(&vm, node) else {
+                continue;
+            };
+            if matches!(state, VmState::Absent | VmState::Stopped) {
+                continue;
+            }
+            let r = hv.stop(&vm, STOP_GRACE).await;
+            let _ = match &r {
+                Ok(()) => env.log(
+                    node,
+                    RecordKind::VmStopped,
+                    Some(e),
+                    format!("stopped {vm} on {host} and confirmed it stopped: {node} reads on and is not confirmed off (a node and its twin never run together)"),
+                    json!({ "vm": vm, "host": host }),
+                ),
+                Err(err) => env.log(
+                    node,
+                    RecordKind::FailoverFailed,
+                    Some(e),
+                    format!("{vm} on {host} could not be confirmed stopped ({err}) while {node} reads on"),
+                    json!({ "vm": vm, "host": host, "error": err.to_string(), "stopped": false }),
+                ),
+            };
+            if r.is_ok() {
+                env.placed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|p| !(p.node == node && p.host == *host));
             }
         }
     }

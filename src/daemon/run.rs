@@ -285,6 +285,17 @@ fn judge_host(d: &Diagnosis, policy: &config::Policy, isolated_for: Millis) -> H
     HostJudged::Failed(format!("judged {name}: {}", d.why))
 }
 
+/// A job's progress, said to the run loop as `node`'s.
+fn progress_to(
+    jtx: &mpsc::UnboundedSender<JobResult>,
+    node: &str,
+) -> impl Fn(Step) + Send + Sync + 'static {
+    let (jtx, node) = (jtx.clone(), node.to_string());
+    move |s: Step| {
+        let _ = jtx.send(JobResult::Progress(node.clone(), s));
+    }
+}
+
 /// Whether a node's twin found running after a restart is still booting, by the node's records
 /// since its failover began: no heartbeat since, or a twin started after the last heartbeat (a
 /// replacement, a move) that has not heartbeat yet. A booting twin is waited for (the failover's
@@ -614,7 +625,32 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 .map(|h| h.name.clone())
                 .collect(),
         )),
-        avoid: Arc::new(Mutex::new(HashMap::new())),
+        // Where each node's twin died in its current incident, by the log (the last one): its
+        // twins are not placed there again until it fails back, across restarts too.
+        avoid: Arc::new(Mutex::new(
+            cfg.nodes
+                .iter()
+                .filter(|n| {
+                    rack.nodes
+                        .get(&n.name)
+                        .is_some_and(|x| !matches!(x.phase, Phase::Watching | Phase::Maintenance))
+                })
+                .filter_map(|n| {
+                    let mine: Vec<&Record> = records
+                        .iter()
+                        .filter(|r| r.node.as_deref() == Some(n.name.as_str()))
+                        .collect();
+                    let begin = mine
+                        .iter()
+                        .rposition(|r| r.kind == RecordKind::FailoverBegin)?;
+                    let lost = mine[begin..]
+                        .iter()
+                        .rev()
+                        .find(|r| r.kind == RecordKind::TwinLost)?;
+                    Some((n.name.clone(), lost.detail["host"].as_str()?.to_string()))
+                })
+                .collect(),
+        )),
         host_fence: Arc::new(tokio::sync::Mutex::new(())),
         twins: src.twins.clone(),
         returns: returns.clone(),
@@ -692,9 +728,10 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let mut host_isolated_since: HashMap<String, Millis> = HashMap::new();
     // The rebalance move placement proposes, and since when it has stood unchanged.
     let mut proposal: Option<(crate::placement::Move, Millis)> = None;
-    // Moves that ended elsewhere than asked (node, destination), and when: not proposed again
-    // for REBALANCE_RETRY.
-    let mut failed_moves: HashMap<(String, String), Millis> = HashMap::new();
+    // Moves that ended elsewhere than asked (node, destination): when last, and how many times
+    // in a row. Not proposed again for REBALANCE_RETRY, doubled at each failure (16 times at
+    // most): a move that keeps failing stops the workload ever more rarely.
+    let mut failed_moves: HashMap<(String, String), (Millis, u32)> = HashMap::new();
     // Nodes whose next failback moves to a replacement server, accepted by an operator.
     let mut accept_profile: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -773,8 +810,11 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     JobResult::Moved(n, to, end) => {
                         // A move that did not end where it was to go is not proposed again for a
                         // while: the rebalance would only stop the same workload again.
-                        if !matches!(&end, jobs::MoveEnd::Runs(h) if *h == to) {
-                            failed_moves.insert((n.clone(), to), now);
+                        if matches!(&end, jobs::MoveEnd::Runs(h) if *h == to) {
+                            failed_moves.remove(&(n.clone(), to));
+                        } else {
+                            let e = failed_moves.entry((n.clone(), to)).or_insert((now, 0));
+                            *e = (now, e.1.saturating_add(1));
                         }
                         match end {
                             jobs::MoveEnd::Runs(host) => (n, Input::TwinMoved { host }),
@@ -880,7 +920,9 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     }
                     Command::Failover(n) => pending.extend(act(&n, Input::FailoverNow, &mut rack)),
                     Command::Move { node, to } => {
-                        if cfg.hosts.iter().any(|h| h.name == to) {
+                        if refencing.contains(&node) {
+                            append(&journal, Some(&node), RecordKind::Refusal, None, format!("move of {node}'s twin to {to} refused: {node} is being fenced again (it came on beside its twin); ask again once it reads off"), json!({ "to": to }));
+                        } else if cfg.hosts.iter().any(|h| h.name == to) {
                             append(&journal, Some(&node), RecordKind::Operator, None, format!("{node}: move of its twin to {to} requested by an operator"), json!({ "to": to }));
                             pending.extend(act(&node, Input::Move { to, why: "asked by an operator".into() }, &mut rack));
                         } else {
@@ -950,13 +992,17 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                     // has stood for `rebalance_after` with `rebalance = "auto"`, one move at a
                     // time, and never while any node is in the middle of a failover, a fence or
                     // a failback (a move is planned work: it waits for a calm rack).
-                    failed_moves.retain(|_, at| now.saturating_sub(*at) < REBALANCE_RETRY);
+                    let blocked = |n: &str, to: &str| {
+                        failed_moves.get(&(n.to_string(), to.to_string())).is_some_and(|(at, times)| {
+                            now.saturating_sub(*at) < REBALANCE_RETRY << (times.saturating_sub(1)).min(4)
+                        })
+                    };
                     let fresh = env.rebalance_proposal(
-                        // (Not a node being fenced again: it came on beside its twin.)
-                        &|p| !refencing.contains(&p.node) && matches!(rack.nodes.get(&p.node).map(|x| &x.phase), Some(Phase::RunningVirtual { host, .. }) if *host == p.host),
+                        // (Not a node being fenced again: it came on beside its twin; nor a move
+                        // that failed lately.)
+                        &|p, to| !refencing.contains(&p.node) && !blocked(&p.node, to) && matches!(rack.nodes.get(&p.node).map(|x| &x.phase), Some(Phase::RunningVirtual { host, .. }) if *host == p.host),
                         &|h| mon.current(h).is_some_and(|d| d.kind == Kind::Healthy),
-                    )
-                    .filter(|m| !failed_moves.contains_key(&(m.node.clone(), m.to.clone())));
+                    );
                     proposal = match (fresh, proposal.take()) {
                         (Some(m), Some((old, since))) if old.node == m.node && old.from == m.from && old.to == m.to => Some((m, since)),
                         (Some(m), _) => Some((m, now)),
@@ -1205,11 +1251,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         standby_stale.insert(node.clone());
                     }
                     jobs.spawn(async move {
-                        let n2 = node.clone();
-                        let ptx = jtx.clone();
-                        let progress = move |s: Step| {
-                            let _ = ptx.send(JobResult::Progress(n2.clone(), s));
-                        };
+                        let progress = progress_to(&jtx, &node);
                         let r =
                             jobs::failover(&env, &node, epoch, fenced, &why, None, &progress).await;
                         let _ = jtx.send(JobResult::Failover(node, r));
@@ -1224,11 +1266,7 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                 } => {
                     tracing::warn!(node = %node, epoch, from = %from, to = %to, why = %why, "the twin moves");
                     jobs.spawn(async move {
-                        let n2 = node.clone();
-                        let ptx = jtx.clone();
-                        let progress = move |s: Step| {
-                            let _ = ptx.send(JobResult::Progress(n2.clone(), s));
-                        };
+                        let progress = progress_to(&jtx, &node);
                         let r =
                             jobs::move_twin(&env, &node, epoch, &from, &to, &why, &progress).await;
                         let _ = jtx.send(JobResult::Moved(node, to, r));

@@ -431,7 +431,10 @@ impl LibvirtDriver {
         // Readable by QEMU's user only (root's where the host names none).
         let owner = match self.qemu_owner().await {
             Some((u, g)) => format!("<owner>{u}</owner><group>{g}</group>"),
-            None => String::new(),
+            None => {
+                tracing::warn!(uri = %self.uri, vm, "the host names no user QEMU runs as (no DAC security model in its capabilities): the key volume stays root's, which a QEMU not running as root cannot read");
+                String::new()
+            }
         };
         let vol_xml = self.run_dir.join(format!("{vm}.key-volume.xml"));
         std::fs::write(
