@@ -806,7 +806,18 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
                         env.avoid.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
                         (n, Input::FailbackDone)
                     }
-                    JobResult::Failback(n, Err(reason)) => (n, Input::FailbackFailed { reason }),
+                    JobResult::Failback(n, Err(reason)) => {
+                        // How far it went, by the log: the twin still running, or stopped with
+                        // the node still fenced, or the node powered on.
+                        let (twin_running, fence_holds) = {
+                            let j = journal.lock().unwrap_or_else(|p| p.into_inner());
+                            (
+                                crate::journal::twin_running(j.records(), &n),
+                                crate::fencing::state_of(j.records(), &n).off,
+                            )
+                        };
+                        (n, Input::FailbackFailed { reason, twin_running, fence_holds })
+                    }
                     JobResult::Moved(n, to, end) => {
                         // A move that did not end where it was to go is not proposed again for a
                         // while: the rebalance would only stop the same workload again.

@@ -134,6 +134,10 @@ pub enum Input {
     FailbackFailed {
         /// Why.
         reason: String,
+        /// Whether the log says the twin still runs (the failback ended before stopping it).
+        twin_running: bool,
+        /// Whether the node's fence still holds (the failback ended before powering it on).
+        fence_holds: bool,
     },
     /// An operator acknowledged the node is off.
     AckOff,
@@ -638,14 +642,38 @@ impl Node {
                 self.set(Phase::Watching);
                 Vec::new()
             }
-            (Phase::FailingBack { epoch, .. }, Input::FailbackFailed { reason }) => {
+            (
+                Phase::FailingBack { epoch, .. },
+                Input::FailbackFailed {
+                    reason,
+                    twin_running,
+                    fence_holds,
+                },
+            ) => {
                 let epoch = *epoch;
-                self.set(Phase::RunningVirtual {
-                    epoch,
-                    host: String::new(),
-                    since: now,
-                });
-                self.refuse(format!("failback of {name} failed: {reason}"))
+                let why = format!("failback of {name} failed: {reason}");
+                if twin_running {
+                    // Ended before the twin was stopped: it runs on (its host is filled in by
+                    // the runtime from where it is placed).
+                    self.set(Phase::RunningVirtual {
+                        epoch,
+                        host: String::new(),
+                        since: now,
+                    });
+                } else if fence_holds {
+                    // The twin was stopped, the node never powered on: the twin is started
+                    // again at once, under the fence that still holds.
+                    self.set(Phase::Parked {
+                        epoch,
+                        reason: why.clone(),
+                        retry_at: now,
+                    });
+                } else {
+                    // The node was powered on and did not come back: it failed again. A new
+                    // failover (the gate, a new epoch, a fence) brings its twin back.
+                    self.set(Phase::Requested { since: now });
+                }
+                self.refuse(why)
             }
 
             // Deadlines.

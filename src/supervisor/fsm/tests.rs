@@ -470,7 +470,80 @@ fn any_input() -> impl Strategy<Value = Input> {
             why: "rebalance".into()
         }),
         Just(Input::TwinMoved { host: "bk".into() }),
+        Just(Input::FailbackFailed {
+            reason: "x".into(),
+            twin_running: false,
+            fence_holds: false
+        }),
+        Just(Input::FailbackFailed {
+            reason: "x".into(),
+            twin_running: false,
+            fence_holds: true
+        }),
     ]
+}
+
+/// A failback that fails leaves the node where its twin can run again: on the twin still
+/// running; parked (the twin started again at once, under the fence) when the twin was stopped
+/// and the node never powered on; failing over anew (a new epoch, a new fence) when the node was
+/// powered on and did not come back. Never "running-virtual" with no twin.
+#[test]
+fn a_failed_failback_brings_the_twin_back_from_wherever_it_stopped() {
+    let p = policy();
+    let d = Deadlines::default();
+    let failing_back = || Node::new("db1", Phase::FailingBack { epoch: 4, since: 0 });
+    let failed = |twin_running, fence_holds| Input::FailbackFailed {
+        reason: "no heartbeat".into(),
+        twin_running,
+        fence_holds,
+    };
+    let mut n = failing_back();
+    let a = n.step(failed(true, true), 1_000, &p, &d);
+    assert!(
+        matches!(n.phase, Phase::RunningVirtual { epoch: 4, .. }),
+        "{:?}",
+        n.phase
+    );
+    assert!(
+        matches!(a.as_slice(), [Action::Refuse { reason, .. }] if reason.starts_with("failback of db1 failed"))
+    );
+    let mut n = failing_back();
+    n.step(failed(false, true), 1_000, &p, &d);
+    assert!(
+        matches!(n.phase, Phase::Parked { epoch: 4, .. }),
+        "{:?}",
+        n.phase
+    );
+    let a = n.step(Input::Tick, 1_100, &p, &d);
+    assert!(
+        matches!(
+            a.as_slice(),
+            [Action::StartFailover {
+                epoch: 4,
+                fenced: true,
+                ..
+            }]
+        ),
+        "{a:?}"
+    );
+    let mut rack = Rack::new([("db1".to_string(), failing_back())].into(), 4);
+    rack.nodes
+        .get_mut("db1")
+        .unwrap()
+        .step(failed(false, false), 1_000, &p, &d);
+    assert!(matches!(rack.nodes["db1"].phase, Phase::Requested { .. }));
+    let g = rack.grant(&p, 1_000);
+    assert!(
+        matches!(
+            g.as_slice(),
+            [Action::StartFailover {
+                epoch: 5,
+                fenced: false,
+                ..
+            }]
+        ),
+        "{g:?}"
+    );
 }
 
 #[test]
