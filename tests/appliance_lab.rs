@@ -1780,7 +1780,7 @@ fn a_loaded_failover_server_is_rebalanced_by_hand_and_by_policy_without_a_second
         std::thread::sleep(Duration::from_millis(100));
     }
     // No second twin: the adopted one heartbeats; or, only if it never did within the boot
-    // timeout (once in about a dozen runs here its heartbeats did not reach the restarted
+    // timeout (in 1 of 24 runs here its heartbeats did not reach the restarted
     // appliance; cause not found), it was stopped first and one more started.
     let gave_up = journal(&lab).iter().any(|r| {
         r.seq > crashed_at
