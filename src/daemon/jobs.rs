@@ -261,26 +261,17 @@ impl Env {
         }
     }
 
-    /// Whether the node's latest word on its power in the log is an operator's ack-off (no
-    /// fence begun or confirmed since).
-    fn acked_off_last(&self, node: &str) -> bool {
-        let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        j.records()
-            .iter()
-            .rev()
-            .filter(|r| r.node.as_deref() == Some(node))
-            .find(|r| {
-                matches!(
-                    r.kind,
-                    RecordKind::AckOff | RecordKind::FenceBegin | RecordKind::FenceConfirmed
-                )
-            })
-            .is_some_and(|r| r.kind == RecordKind::AckOff)
+    /// `node`'s twin counts on `host` no more (stopped there, or its reservation given back).
+    fn unplace(&self, node: &str, host: &str) {
+        self.placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| !(p.node == node && p.host == host));
     }
 
-    fn fence_confirmed_in_log(&self, node: &str) -> bool {
+    fn fence_state(&self, node: &str) -> fencing::FenceState {
         let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        fencing::state_of(j.records(), node).off
+        fencing::state_of(j.records(), node)
     }
 }
 
@@ -735,7 +726,8 @@ pub async fn failover(
         }
     }
     // Invariant 1: no twin unless the log shows the fence confirmed or acknowledged.
-    if !env.fence_confirmed_in_log(node_name) {
+    let fence = env.fence_state(node_name);
+    if !fence.off {
         return Err(JobEnd::Stalled(
             "the fencing log does not show the fence confirmed: no twin is started".into(),
         ));
@@ -746,7 +738,7 @@ pub async fn failover(
     // log's confirmation stands. An operator's ack-off is taken over the BMC's reading: that
     // reading is what it overrides.)
     if fenced
-        && !env.acked_off_last(node_name)
+        && !fence.acked
         && let Some(bmc) = env.bmcs.get(node_name)
     {
         let power = tokio::time::timeout(node.policy.bmc_request_timeout, bmc.status(Depth::Fast))
@@ -1206,10 +1198,7 @@ async fn stop_twins_of(env: &Env, node: &str) {
                 ),
             };
             if r.is_ok() {
-                env.placed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .retain(|p| !(p.node == node && p.host == *host));
+                env.unplace(node, host);
             }
         }
     }
@@ -1323,10 +1312,7 @@ pub async fn move_twin(
         format!("{node_name}'s twin moves from {from} to {to} ({why}): it is stopped on {from}, confirmed stopped, then started on {to}"),
         json!({ "vm": vm, "from": from, "to": to, "why": why }),
     ) {
-        env.placed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|p| !(p.node == node_name && p.host == to));
+        env.unplace(node_name, to);
         return MoveEnd::Stalled(e);
     }
     // The workload is down from here until the twin's first heartbeat on `to`.
@@ -1338,10 +1324,7 @@ pub async fn move_twin(
     if let Err(e) = stopped {
         // It may still run: the failover that retries this finds it and adopts it where it
         // runs, or stops it first. Nothing goes to `to`.
-        env.placed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|p| !(p.node == node_name && p.host == to));
+        env.unplace(node_name, to);
         let _ = env.log(
             node_name,
             RecordKind::FailoverFailed,
@@ -1359,27 +1342,18 @@ pub async fn move_twin(
         format!("stopped {vm} on {from} and confirmed it stopped, for its move to {to}"),
         json!({ "vm": vm, "host": from }),
     ) {
-        env.placed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|p| !(p.node == node_name && p.host == to));
+        env.unplace(node_name, to);
         return MoveEnd::Stalled(e);
     }
     // It runs on `from` no more: only the destination's reservation stays.
-    env.placed
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|p| !(p.node == node_name && p.host == from));
+    env.unplace(node_name, from);
     super::fence::crash_point("move-stopped");
     match failover(env, node_name, epoch, true, why, Some((to, down)), progress).await {
         Ok(host) => MoveEnd::Runs(host),
         Err(e) => {
             // Whatever the failover ended on, no twin of this node runs on `to` now: its
             // reservation there goes (the parked retry places it afresh).
-            env.placed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|p| !(p.node == node_name && p.host == to));
+            env.unplace(node_name, to);
             MoveEnd::Stalled(e)
         }
     }

@@ -583,6 +583,17 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let (returns, _) = broadcast::channel(1024);
     // Shared, not copied: a job or an action takes a reference count, not the rack's maps
     // (at 10,000 nodes a copy per action was milliseconds, and a storm of refusals took seconds).
+    // The nodes in an incident (failed over, or failing over or back): only they may run a
+    // twin or have lost one, whatever an old record of a watched node says.
+    let in_incident: Vec<&config::NodeConfig> = cfg
+        .nodes
+        .iter()
+        .filter(|n| {
+            rack.nodes
+                .get(&n.name)
+                .is_some_and(|x| !matches!(x.phase, Phase::Watching | Phase::Maintenance))
+        })
+        .collect();
     let env = Arc::new(Env {
         cfg: cfg.clone(),
         profiles: Arc::new(profiles),
@@ -594,14 +605,8 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         // The twins the log says may run, where they run, whatever their node's phase (one
         // being failed back runs until it is stopped): counted by placement from the start.
         placed: Arc::new(Mutex::new(
-            cfg.nodes
+            in_incident
                 .iter()
-                // (A watched node runs no twin, whatever an old record says.)
-                .filter(|n| {
-                    rack.nodes
-                        .get(&n.name)
-                        .is_some_and(|x| !matches!(x.phase, Phase::Watching | Phase::Maintenance))
-                })
                 .filter_map(|n| {
                     let host = crate::journal::twins_may_run(&records, &n.name)
                         .into_iter()
@@ -628,13 +633,8 @@ pub async fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         // Where each node's twin died in its current incident, by the log (the last one): its
         // twins are not placed there again until it fails back, across restarts too.
         avoid: Arc::new(Mutex::new(
-            cfg.nodes
+            in_incident
                 .iter()
-                .filter(|n| {
-                    rack.nodes
-                        .get(&n.name)
-                        .is_some_and(|x| !matches!(x.phase, Phase::Watching | Phase::Maintenance))
-                })
                 .filter_map(|n| {
                     let mine: Vec<&Record> = records
                         .iter()

@@ -207,6 +207,9 @@ pub struct FenceState {
     pub pending: bool,
     /// The node is known off (confirmed or acknowledged) since its last power-on.
     pub off: bool,
+    /// It is known off on an operator's word: an ack-off, with no fence begun or confirmed
+    /// since (a BMC reading is not to override it).
+    pub acked: bool,
     /// The epoch of the last fence.
     pub epoch: Option<u64>,
 }
@@ -217,6 +220,7 @@ pub fn state_of(records: &[crate::journal::Record], node: &str) -> FenceState {
     for r in records.iter().filter(|r| r.node.as_deref() == Some(node)) {
         match r.kind {
             RecordKind::FenceBegin => {
+                s.acked = false;
                 s.interrupted = true;
                 s.epoch = r.epoch;
                 // A new fence is not confirmed by an older one: the node may have been powered
@@ -227,6 +231,7 @@ pub fn state_of(records: &[crate::journal::Record], node: &str) -> FenceState {
                 s.interrupted = false;
                 s.pending = false;
                 s.off = true;
+                s.acked = r.kind == RecordKind::AckOff;
             }
             RecordKind::FencePending => {
                 s.interrupted = false;
@@ -279,6 +284,7 @@ mod tests {
                 interrupted: true,
                 pending: false,
                 off: false,
+                acked: false,
                 epoch: Some(3)
             }
         );
@@ -294,7 +300,7 @@ mod tests {
         j.append(Some("db1"), RecordKind::AckOff, Some(3), "ack", json!(null))
             .unwrap();
         let s = state_of(j.records(), "db1");
-        assert!(s.off && !s.pending && !s.interrupted);
+        assert!(s.off && !s.pending && !s.interrupted && s.acked);
         assert_eq!(state_of(j.records(), "web1"), FenceState::default());
         // A later fence that began is not confirmed by that one (the node may have been
         // powered on by hand in between, with no record of it).
